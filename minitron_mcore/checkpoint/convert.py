@@ -1,0 +1,179 @@
+"""The ``import-hf`` and ``export-hf`` commands.
+
+minitron import-hf load=HF_DIR save=CKPT [parallel.tp=2] [dtype=fp32]
+torchrun --nproc-per-node 2 -m minitron_mcore import-hf load=HF_DIR save=CKPT parallel.tp=2
+minitron export-hf load=CKPT save=HF_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from minitron_mcore.checkpoint import hf_io, hf_mapping
+from minitron_mcore.checkpoint.megatron import (
+    CheckpointMeta,
+    atomic_swap,
+    check_save_target,
+    fill_model,
+    load_canonical,
+    read_meta,
+    save_checkpoint,
+    tensors_metadata,
+    tokenizer_files_of,
+)
+from minitron_mcore.errors import require
+from minitron_mcore.models.arch import padded_vocab_size
+from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
+from minitron_mcore.parallel import ParallelConfig, parallel_context, world_size
+from minitron_mcore.utils.log import emit_metrics, log0
+
+
+@dataclass
+class ImportHFConfig:
+    """``minitron import-hf``: Hugging Face directory -> Megatron checkpoint."""
+
+    load: str = ""
+    """Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+    save: str = ""
+    """Output checkpoint directory."""
+    tokenizer: str = ""
+    """Directory with the tokenizer files; empty = the model directory."""
+    dtype: str = "auto"
+    """Weight dtype in the checkpoint: auto (the HF config's dtype), fp32, bf16 or fp16."""
+    overwrite: bool = False
+    """Replace ``save`` if it exists (atomically, only once the new checkpoint is complete)."""
+    seed: int = 1234
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+@dataclass
+class ExportHFConfig:
+    """``minitron export-hf``: Megatron checkpoint -> Hugging Face directory."""
+
+    load: str = ""
+    """Checkpoint directory written by minitron."""
+    save: str = ""
+    """Output Hugging Face model directory."""
+    dtype: str = "auto"
+    """Exported weight dtype: auto (the checkpoint's), fp32, bf16 or fp16."""
+    max_shard_size_gb: float = 5.0
+    """Split the safetensors weights into files of at most this size."""
+    overwrite: bool = False
+    """Replace ``save`` if it exists (atomically, only once the export is complete)."""
+
+
+def import_hf(cfg: ImportHFConfig) -> dict:
+    t0 = time.time()
+    hf_cfg = hf_io.read_hf_config(cfg.load)
+    arch = hf_mapping.arch_from_hf_config(hf_cfg)
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    check_save_target(cfg.save, cfg.overwrite)
+    tok_files = hf_io.check_tokenizer(cfg.tokenizer or cfg.load)
+    reader = hf_io.SafetensorsReader(cfg.load)
+    hf_mapping.check_hf_names(reader.names(), arch)
+    dtype_name = hf_io.hf_dtype(hf_cfg) if cfg.dtype == "auto" else cfg.dtype
+    dtype = resolve_dtype(dtype_name)
+
+    def get(name):
+        return reader.get(name).to(dtype)
+
+    with parallel_context(cfg.parallel, cfg.seed):
+        log0(
+            "import-hf: %s (%s, %.2fB params) -> %s at TP=%d PP=%d, %s",
+            cfg.load,
+            arch.family,
+            arch.num_params() / 1e9,
+            cfg.save,
+            cfg.parallel.tp,
+            cfg.parallel.pp,
+            dtype_name,
+        )
+        model = build_model_for_stage(arch, dtype)
+        padded = padded_vocab_size(arch.vocab_size)
+        fill_model(
+            model,
+            layer_fn=lambda i: hf_mapping.hf_layer_to_canonical(get, i, arch),
+            global_fn=lambda: hf_mapping.hf_global_to_canonical(get, arch, padded),
+        )
+        meta = CheckpointMeta(
+            arch=arch,
+            dtype=dtype_name,
+            hf_config=hf_cfg,
+            hf_generation_config=hf_io.read_generation_config(cfg.load),
+        ).with_step("import-hf", source=os.path.abspath(cfg.load))
+        save_checkpoint(model, cfg.save, meta, tok_files)
+    metrics = {
+        "command": "import-hf",
+        "family": arch.family,
+        "params": arch.num_params(),
+        "seconds": round(time.time() - t0, 3),
+        "save": cfg.save,
+    }
+    emit_metrics(metrics, cfg.save)
+    return metrics
+
+
+def export_hf(cfg: ExportHFConfig) -> dict:
+    t0 = time.time()
+    meta = read_meta(cfg.load)
+    check_save_target(cfg.save, cfg.overwrite)
+    require(
+        world_size() == 1,
+        "export-hf runs in a single process; launch it without torchrun",
+    )
+    arch = meta.arch
+    dtype_name = meta.dtype if cfg.dtype == "auto" else cfg.dtype
+    dtype = resolve_dtype(dtype_name)
+    tmp = cfg.save.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with parallel_context(ParallelConfig()):  # dist_checkpointing reads need a group
+            nbytes = _write_hf_weights(cfg, meta, tensors_metadata(cfg.load), tmp, dtype)
+        hf_io.write_hf_config(
+            tmp,
+            hf_mapping.hf_config_from_arch(arch, meta.hf_config, dtype_name),
+            meta.hf_generation_config,
+        )
+        hf_io.copy_files(tokenizer_files_of(cfg.load), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_swap(tmp, cfg.save)
+    metrics = {
+        "command": "export-hf",
+        "family": arch.family,
+        "params": arch.num_params(),
+        "bytes": nbytes,
+        "seconds": round(time.time() - t0, 3),
+        "save": cfg.save,
+    }
+    log0("exported %s -> %s", cfg.load, cfg.save)
+    emit_metrics(metrics, cfg.save)
+    return metrics
+
+
+def _write_hf_weights(
+    cfg: ExportHFConfig, meta: CheckpointMeta, shapes: dict, out_dir: str, dtype: torch.dtype
+) -> int:
+    """Convert key by key: peak memory is one stacked tensor (all layers of one key) plus one
+    output shard, not the whole model."""
+    arch, store_dtype = meta.arch, resolve_dtype(meta.dtype)
+    writer = hf_io.SafetensorsWriter(out_dir, int(cfg.max_shard_size_gb * 2**30))
+    glob_keys = {k: shapes[k] for k in hf_mapping.global_keys(arch)}
+    writer.add(
+        hf_mapping.canonical_global_to_hf(load_canonical(cfg.load, glob_keys, store_dtype), arch),
+        dtype,
+    )
+    for n, key in enumerate(hf_mapping.layer_keys(arch)):
+        stack = load_canonical(cfg.load, {key: shapes[key]}, store_dtype)[key]
+        for i in range(arch.num_layers):
+            writer.add(hf_mapping.canonical_layer_to_hf({key: stack[i]}, i, arch), dtype)
+        del stack
+        log0("export-hf: %d/%d tensor groups written", n + 1, len(hf_mapping.layer_keys(arch)))
+    return writer.finish()

@@ -1,0 +1,219 @@
+"""Reading and writing Hugging Face model directories (config, safetensors, tokenizer).
+
+The tensor layout conversion is in :mod:`hf_mapping`; this module does the file I/O: lazy,
+per-tensor reads with ``safetensors.safe_open`` (each rank reads only what it needs) and sharded
+safetensors writes with an index, as ``transformers`` expects.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from collections.abc import Iterable
+
+import torch
+
+from minitron_mcore.errors import MinitronError, require
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    require(bool(hf_dir), "load= is empty; pass a Hugging Face model directory")
+    require(
+        os.path.isdir(hf_dir), f"Hugging Face model directory {hf_dir} does not exist; check load="
+    )
+    path = os.path.join(hf_dir, "config.json")
+    require(
+        os.path.isfile(path),
+        f"{hf_dir} has no config.json; point load= at a Hugging Face model directory",
+    )
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise MinitronError(
+            f"{path} is not valid JSON ({e}); re-download or re-save the model"
+        ) from e
+
+
+def read_generation_config(hf_dir: str) -> dict | None:
+    path = os.path.join(hf_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def hf_dtype(cfg: dict) -> str:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return HF_DTYPES.get(str(name).replace("torch.", ""), "fp32")
+
+
+def tokenizer_files(src_dir: str) -> list[str]:
+    return [
+        os.path.join(src_dir, f)
+        for f in TOKENIZER_FILES
+        if os.path.isfile(os.path.join(src_dir, f))
+    ]
+
+
+def check_tokenizer(src_dir: str) -> list[str]:
+    """The tokenizer files in ``src_dir``; fails clearly if there are none or they do not load."""
+    files = tokenizer_files(src_dir)
+    require(
+        bool(files),
+        f"no tokenizer files in {src_dir}; pass tokenizer=DIR with tokenizer.json "
+        "or tokenizer.model",
+    )
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(src_dir, local_files_only=True)
+    except Exception as e:
+        raise MinitronError(
+            f"the tokenizer in {src_dir} does not load ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); fix or replace its files"
+        ) from e
+    return files
+
+
+class SafetensorsReader:
+    """Name -> tensor over one or many safetensors files, read lazily."""
+
+    def __init__(self, hf_dir: str):
+        from safetensors import SafetensorError, safe_open
+
+        self._error = SafetensorError
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [
+                os.path.basename(p)
+                for p in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+            ]
+            weight_map = None
+        if not files:
+            bins = glob.glob(os.path.join(hf_dir, "*.bin"))
+            hint = (
+                (
+                    "; only safetensors weights are read: re-save the model with "
+                    "save_pretrained(..., safe_serialization=True)"
+                )
+                if bins
+                else ""
+            )
+            raise MinitronError(f"no *.safetensors weights in {hf_dir}{hint}")
+        self._handles, self._where = {}, {}
+        for name in files:
+            path = os.path.join(hf_dir, name)
+            require(
+                os.path.isfile(path),
+                f"{path} listed in the index is missing; re-download the model",
+            )
+            try:
+                h = safe_open(path, framework="pt")
+            except (self._error, OSError, ValueError) as e:
+                raise MinitronError(
+                    f"corrupt safetensors file {path} ({e}); re-download or re-save the model"
+                ) from e
+            self._handles[name] = h
+            for key in h.keys():
+                self._where[key] = name
+        if weight_map:
+            self._where.update({k: v for k, v in weight_map.items() if v in self._handles})
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        require(name in self._where, f"tensor {name} is missing from the safetensors weights")
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except (self._error, OSError, ValueError, RuntimeError) as e:
+            raise MinitronError(
+                f"corrupt safetensors file {self._where[name]} while reading {name} "
+                f"({e}); re-download or re-save the model"
+            ) from e
+
+
+class SafetensorsWriter:
+    """Writes tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of bounded size, plus the
+    index ``transformers`` reads (or a single ``model.safetensors``)."""
+
+    def __init__(self, out_dir: str, max_shard_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        for name, t in tensors.items():
+            # safetensors refuses views that share storage: give every tensor its own copy.
+            t = t.detach().to(dtype).contiguous().clone()
+            if self._pending and self._pending_bytes + t.nbytes > self.max_bytes:
+                self._flush()
+            self._pending[name] = t
+            self._pending_bytes += t.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.out_dir, f"shard-{len(self._shards):05d}.tmp")
+        save_file(self._pending, path, metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Write the last shard, name the shards, write the index. Returns the total bytes."""
+        if self._pending:
+            self._flush()
+        n = len(self._shards)
+        total, weight_map = 0, {}
+        for i, names in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            src = os.path.join(self.out_dir, f"shard-{i:05d}.tmp")
+            total += os.path.getsize(src)
+            os.replace(src, os.path.join(self.out_dir, final))
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        return total
+
+
+def write_hf_config(out_dir: str, cfg: dict, generation: dict | None) -> None:
+    """config.json (through transformers' own config class) and generation_config.json."""
+    from transformers import AutoConfig, GenerationConfig
+
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    config.save_pretrained(out_dir)
+    if generation:
+        GenerationConfig.from_dict(generation).save_pretrained(out_dir)
+
+
+def copy_files(files: Iterable[str], out_dir: str) -> None:
+    for f in files:
+        shutil.copy2(f, out_dir)

@@ -1,0 +1,252 @@
+"""Pure conversions between Hugging Face Llama/Mistral/Qwen2 weights and Megatron's layout.
+
+"Canonical" tensors are the global (unsharded) tensors that Megatron's ``dist_checkpointing``
+stores, keyed by Megatron's sharded-state-dict keys; per-layer keys (``decoder.layers.*``) are
+given per layer.  Megatron's checkpoint keys are spec-neutral (the local spec maps its norms onto
+the Transformer Engine names), so one mapping serves both specs.
+
+No library converts HF <-> Megatron-Core for these families without pulling in NeMo or
+Megatron-LM's training scripts, so the mapping is written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from minitron_mcore.errors import MinitronError, require
+from minitron_mcore.models.arch import ModelArch
+
+# Megatron canonical key -> HF name pattern ({i} = layer index).
+QKV = "decoder.layers.self_attention.linear_qkv.weight"
+QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
+PROJ = "decoder.layers.self_attention.linear_proj.weight"
+INPUT_NORM = "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+FC1 = "decoder.layers.mlp.linear_fc1.weight"
+FC2 = "decoder.layers.mlp.linear_fc2.weight"
+EMBED = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT = "output_layer.weight"
+
+_HF_LAYER = "model.layers.{i}."
+_SIMPLE_LAYER = {
+    PROJ: "self_attn.o_proj.weight",
+    INPUT_NORM: "input_layernorm.weight",
+    MLP_NORM: "post_attention_layernorm.weight",
+    FC2: "mlp.down_proj.weight",
+}
+
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+# Megatron's built-in Llama-3 RoPE scaling fixes these three values (Llama 3.1 / 3.2 use them).
+_LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, float | None]:
+    """(theta, llama3 scaling factor or None) from either the v4 or the v5 config layout."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope_type = (scaling or {}).get("rope_type", scaling.get("type") if scaling else None)
+    if rope_type in (None, "default"):
+        return float(theta), None
+    require(
+        rope_type == "llama3",
+        f"RoPE scaling type {rope_type!r} is not supported; only Llama-3 scaling or none",
+    )
+    for key, want in _LLAMA3_FIXED.items():
+        got = scaling.get(key, want)
+        require(
+            float(got) == want,
+            f"Llama-3 RoPE scaling with {key}={got} is not supported (Megatron fixes it to {want})",
+        )
+    return float(theta), float(scaling["factor"])
+
+
+def arch_from_hf_config(cfg: dict) -> ModelArch:
+    """ModelArch from a Hugging Face ``config.json`` dict; clear errors for what we cannot map."""
+    model_type = cfg.get("model_type")
+    require(
+        model_type in SUPPORTED_MODEL_TYPES,
+        f"model_type {model_type!r} is not supported; supported Hugging Face model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}",
+    )
+    require(
+        cfg.get("hidden_act", "silu") == "silu",
+        f"hidden_act={cfg.get('hidden_act')!r} is not supported; only SwiGLU (silu) models",
+    )
+    require(not cfg.get("mlp_bias", False), "models with mlp_bias=true are not supported")
+    require(
+        not cfg.get("attention_bias", False) or model_type == "qwen2",
+        "models with attention_bias=true are not supported for model_type " + model_type,
+    )
+    require(
+        not cfg.get("use_sliding_window", False),
+        "Qwen2 sliding-window attention is not supported; set use_sliding_window=false",
+    )
+    theta, factor = _rope_from_hf(cfg)
+    heads = cfg["num_attention_heads"]
+    return ModelArch(
+        family=SUPPORTED_MODEL_TYPES[model_type],
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rotary_base=theta,
+        rope_scaling_factor=factor,
+        norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        init_std=cfg.get("initializer_range", 0.02),
+    )
+
+
+def hf_config_from_arch(arch: ModelArch, base: dict | None, dtype: str) -> dict:
+    """A ``config.json`` dict for ``arch``, keeping the unrelated fields of ``base`` (token ids,
+    generation defaults ...)."""
+    cfg = {k: v for k, v in (base or {}).items() if k not in ("layer_types", "architectures")}
+    rope = {"rope_type": "default", "rope_theta": arch.rotary_base}
+    if arch.rope_scaling_factor is not None:
+        rope = dict(rope, rope_type="llama3", factor=arch.rope_scaling_factor, **_LLAMA3_FIXED)
+    cfg.pop("rope_scaling", None)
+    cfg.pop("rope_theta", None)
+    cfg.update(
+        model_type=arch.family,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn_hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_query_groups,
+        head_dim=arch.kv_channels,
+        vocab_size=arch.vocab_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        rms_norm_eps=arch.norm_epsilon,
+        tie_word_embeddings=arch.tie_embeddings,
+        hidden_act="silu",
+        rope_parameters=rope,
+        dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+    )
+    return cfg
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch):
+    """HF separate q/k/v ([n*d, ...]) -> Megatron fused QKV, grouped per query group as
+    [q heads of group g, k_g, v_g] for g = 0..groups-1."""
+    g, d, hpg = arch.num_query_groups, arch.kv_channels, arch.heads_per_group
+    rest = q.shape[1:]
+    q = q.reshape(g, hpg * d, *rest)
+    k = k.reshape(g, d, *rest)
+    v = v.reshape(g, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(g * (hpg + 2) * d, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, arch: ModelArch):
+    """Inverse of :func:`interleave_qkv`."""
+    g, d, hpg = arch.num_query_groups, arch.kv_channels, arch.heads_per_group
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(g, (hpg + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
+    return (q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest))
+
+
+def pad_vocab(w: torch.Tensor, padded: int) -> torch.Tensor:
+    """[vocab, h] -> [padded, h]; the extra rows are zero."""
+    if w.shape[0] == padded:
+        return w
+    require(w.shape[0] < padded, f"vocab {w.shape[0]} larger than padded vocab {padded}")
+    return torch.cat([w, w.new_zeros(padded - w.shape[0], *w.shape[1:])])
+
+
+Getter = Callable[[str], torch.Tensor]
+
+
+def hf_layer_to_canonical(get: Getter, i: int, arch: ModelArch) -> dict[str, torch.Tensor]:
+    """One layer: HF tensors (read through ``get``) -> canonical Megatron tensors."""
+    p = _HF_LAYER.format(i=i)
+    out = {key: get(p + name) for key, name in _SIMPLE_LAYER.items()}
+    out[QKV] = interleave_qkv(*(get(p + f"self_attn.{x}_proj.weight") for x in "qkv"), arch)
+    if arch.qkv_bias:
+        out[QKV_BIAS] = interleave_qkv(*(get(p + f"self_attn.{x}_proj.bias") for x in "qkv"), arch)
+    # Megatron's SwiGLU: fc1 = [gate; up], act = silu(gate) * up.
+    out[FC1] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+    return out
+
+
+def hf_global_to_canonical(get: Getter, arch: ModelArch, padded_vocab: int):
+    """Non-layer tensors: embeddings, final norm, output layer."""
+    out = {
+        EMBED: pad_vocab(get("model.embed_tokens.weight"), padded_vocab),
+        FINAL_NORM: get("model.norm.weight"),
+    }
+    if not arch.tie_embeddings:
+        out[OUTPUT] = pad_vocab(get("lm_head.weight"), padded_vocab)
+    return out
+
+
+def canonical_layer_to_hf(t: dict[str, torch.Tensor], i: int, arch: ModelArch):
+    """One layer: canonical Megatron tensors -> HF state-dict entries.
+
+    Every key converts on its own, so ``t`` may hold any subset of the layer's keys.
+    """
+    p = _HF_LAYER.format(i=i)
+    out = {p + name: t[key] for key, name in _SIMPLE_LAYER.items() if key in t}
+    for key, suffix in ((QKV, "weight"), (QKV_BIAS, "bias")):
+        if key in t:
+            for x, w in zip("qkv", split_qkv(t[key], arch)):
+                out[p + f"self_attn.{x}_proj.{suffix}"] = w
+    if FC1 in t:
+        gate, up = torch.chunk(t[FC1], 2)
+        out[p + "mlp.gate_proj.weight"] = gate
+        out[p + "mlp.up_proj.weight"] = up
+    return out
+
+
+def canonical_global_to_hf(t: dict[str, torch.Tensor], arch: ModelArch):
+    v = arch.vocab_size
+    out = {"model.embed_tokens.weight": t[EMBED][:v], "model.norm.weight": t[FINAL_NORM]}
+    if not arch.tie_embeddings:
+        out["lm_head.weight"] = t[OUTPUT][:v]
+    return out
+
+
+def layer_keys(arch: ModelArch) -> list[str]:
+    keys = [QKV, PROJ, INPUT_NORM, MLP_NORM, FC1, FC2]
+    return keys + ([QKV_BIAS] if arch.qkv_bias else [])
+
+
+def global_keys(arch: ModelArch) -> list[str]:
+    return [EMBED, FINAL_NORM] + ([] if arch.tie_embeddings else [OUTPUT])
+
+
+def check_hf_names(names: set[str], arch: ModelArch) -> None:
+    """Fail early, with the missing names, if the weights do not match the config."""
+    missing = []
+    for i in range(arch.num_layers):
+        p = _HF_LAYER.format(i=i)
+        want = list(_SIMPLE_LAYER.values()) + [f"self_attn.{x}_proj.weight" for x in "qkv"]
+        want += ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+        want += [f"self_attn.{x}_proj.bias" for x in "qkv"] if arch.qkv_bias else []
+        missing += [p + w for w in want if p + w not in names]
+    glob = ["model.embed_tokens.weight", "model.norm.weight"]
+    glob += [] if arch.tie_embeddings else ["lm_head.weight"]
+    missing += [n for n in glob if n not in names]
+    if missing:
+        raise MinitronError(
+            f"the safetensors weights do not match config.json: {len(missing)} tensors missing "
+            f"(first: {missing[0]}); check that the directory holds a complete model"
+        )

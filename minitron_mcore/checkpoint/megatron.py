@@ -1,0 +1,289 @@
+"""Megatron checkpoints: ``dist_checkpointing`` weights + a JSON sidecar + the tokenizer.
+
+Layout of a checkpoint directory ``CKPT``::
+
+    CKPT/minitron.json   model arch, dtype, prune plan, provenance, training state (the sidecar)
+    CKPT/weights/        Megatron dist_checkpointing (torch_dist): global tensors, any TP/PP
+    CKPT/tokenizer/      the Hugging Face tokenizer files
+
+Writes go to ``CKPT.partial`` and are renamed into place when complete, so a crash never leaves
+a half-written directory under the final name.  The weights are stored as global tensors, so a
+checkpoint saved at one TP/PP loads at any other (Megatron reshards on load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from minitron_mcore.errors import MinitronError, require
+from minitron_mcore.models.arch import ModelArch
+from minitron_mcore.parallel import barrier, is_rank0
+from minitron_mcore.utils.log import log0
+
+META_FILE = "minitron.json"
+WEIGHTS_DIR = "weights"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything next to the weights that makes a checkpoint describe itself."""
+
+    arch: ModelArch
+    dtype: str = "fp32"
+    vocab_multiple: int = 128
+    saved_tp: int = 1
+    saved_pp: int = 1
+    hf_config: Optional[dict] = None
+    hf_generation_config: Optional[dict] = None
+    prune_plan: Optional[dict] = None
+    provenance: list = field(default_factory=list)
+    train_state: Optional[dict] = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["arch"] = self.arch.to_dict()
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        d = json.loads(text)
+        d["arch"] = ModelArch.from_dict(d["arch"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_step(self, stage: str, **info) -> CheckpointMeta:
+        """A copy with one more provenance entry (stage name, time, details)."""
+        entry = {"stage": stage, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        return dataclasses.replace(self, provenance=list(self.provenance) + [entry])
+
+
+def check_checkpoint_dir(path: str) -> None:
+    require(bool(path), "load= is empty; pass the checkpoint directory, e.g. load=runs/ckpt")
+    require(os.path.isdir(path), f"checkpoint directory {path} does not exist; check load=")
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        hint = (
+            "it looks like a Hugging Face model: run `minitron import-hf load="
+            + path
+            + " save=CKPT`"
+            if os.path.isfile(os.path.join(path, "config.json"))
+            else "point load= at a directory written by minitron"
+        )
+        raise MinitronError(f"{path} is not a minitron checkpoint (no {META_FILE}); {hint}")
+    require(
+        os.path.isdir(os.path.join(path, WEIGHTS_DIR)),
+        f"checkpoint {path} has no {WEIGHTS_DIR}/ directory; it is incomplete, re-create it",
+    )
+
+
+def read_meta(path: str) -> CheckpointMeta:
+    check_checkpoint_dir(path)
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            return CheckpointMeta.from_json(f.read())
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MinitronError(f"{path}/{META_FILE} is corrupt ({e}); re-create the checkpoint") from e
+
+
+def check_save_target(path: str, overwrite: bool) -> None:
+    """Refuse, before any work is done, to replace an existing output without overwrite=true."""
+    require(bool(path), "save= is empty; pass an output directory, e.g. save=runs/ckpt")
+    require(
+        overwrite or not os.path.exists(path),
+        f"save={path} already exists; choose a new directory or pass overwrite=true",
+    )
+
+
+# ---------------------------------------------------------------------------- sharded tensors
+
+
+def _sharded_tensors(model):
+    """This rank's ShardedTensors for ``model``, with factories applied, so each tensor's
+    ``data`` is a view of (part of) a parameter."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    out = []
+
+    def walk(x):
+        if isinstance(x, ShardedTensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(sd)
+    return out
+
+
+def _local_slice(sh, global_tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (per-layer) global tensor that ShardedTensor ``sh`` holds."""
+    offsets = sh.global_offset[sh.prepend_axis_num :]
+    idx = tuple(slice(o, o + n) for o, n in zip(offsets, sh.local_shape))
+    return global_tensor[idx]
+
+
+def layer_of(sh) -> Optional[int]:
+    """Global layer index of a per-layer ShardedTensor, ``None`` for embeddings etc."""
+    return sh.global_offset[0] if sh.prepend_axis_num == 1 else None
+
+
+LayerFn = Callable[[int], dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def fill_model(model, layer_fn: LayerFn, global_fn: Callable[[], dict[str, torch.Tensor]]):
+    """Copy canonical global tensors into this rank's shards of ``model``.
+
+    ``layer_fn(i)`` returns layer ``i``'s canonical tensors, ``global_fn()`` the others.  Layers are
+    converted one at a time, so memory stays near the local model plus one global layer.
+    """
+    by_layer: dict[Optional[int], list] = {}
+    for sh in _sharded_tensors(model):
+        by_layer.setdefault(layer_of(sh), []).append(sh)
+    for layer in sorted(by_layer, key=lambda x: -1 if x is None else x):
+        canon = global_fn() if layer is None else layer_fn(layer)
+        for sh in by_layer[layer]:
+            require(sh.key in canon, f"no source tensor for {sh.key}")
+            src = _local_slice(sh, canon[sh.key])
+            require(
+                tuple(src.shape) == tuple(sh.data.shape),
+                f"shape mismatch for {sh.key}: source {tuple(src.shape)} vs model "
+                f"{tuple(sh.data.shape)}",
+            )
+            sh.data.copy_(src)
+        del canon
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Turn the many exception types a damaged checkpoint raises into one clear error.
+    (torch DCP's CheckpointException derives from BaseException, hence the wide net.)"""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, MinitronError):
+        raise
+    except BaseException as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise MinitronError(
+            f"cannot read checkpoint weights in {path} ({type(e).__name__}: {msg}); "
+            "the checkpoint is corrupt or incomplete, re-create it"
+        ) from e
+
+
+def atomic_swap(tmp: str, path: str) -> None:
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.old-{int(time.time())}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tokenizer_files_of(ckpt: str) -> list[str]:
+    """The tokenizer files stored in checkpoint ``ckpt`` (to carry them into a new one)."""
+    d = os.path.join(ckpt, TOKENIZER_DIR)
+    return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
+
+
+def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=()) -> None:
+    """Collective: every rank writes its shards; rank 0 writes the sidecar and renames.
+
+    ``tokenizer_files`` are copied into ``tokenizer/`` (see :func:`tokenizer_files_of`)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    tmp = path.rstrip("/") + ".partial"
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
+    barrier()
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+        barrier()
+        if is_rank0():
+            meta = dataclasses.replace(
+                meta,
+                saved_tp=ps.get_tensor_model_parallel_world_size(),
+                saved_pp=ps.get_pipeline_model_parallel_world_size(),
+            )
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                f.write(meta.to_json())
+            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+            for f in tokenizer_files:
+                shutil.copy2(f, os.path.join(tmp, TOKENIZER_DIR))
+            atomic_swap(tmp, path)
+            log0("saved checkpoint %s", path)
+    except BaseException:
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier()
+
+
+def load_weights(model, path: str) -> None:
+    """Load ``path``'s weights into ``model`` (any TP/PP; Megatron reshards)."""
+    from megatron.core import dist_checkpointing
+
+    weights = os.path.join(path, WEIGHTS_DIR)
+    with _reading(weights):
+        state = dist_checkpointing.load(model.sharded_state_dict(), weights)
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str, dtype: Optional[torch.dtype] = None, **config_kw):
+    """Build this rank's stage of the checkpoint's model and load its weights."""
+    from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
+
+    meta = read_meta(path)
+    dtype = dtype or resolve_dtype(meta.dtype)
+    model = build_model_for_stage(meta.arch, dtype, **config_kw)
+    load_weights(model, path)
+    return model, meta
+
+
+def tensors_metadata(path: str) -> dict[str, tuple]:
+    """Global shape of every tensor in a checkpoint (key -> shape), without reading data."""
+    from megatron.core import dist_checkpointing
+
+    with _reading(os.path.join(path, WEIGHTS_DIR)):
+        md = dist_checkpointing.load_tensors_metadata(os.path.join(path, WEIGHTS_DIR))
+    return {k: tuple(v.global_shape) for k, v in md.items()}
+
+
+def load_canonical(
+    path: str, shapes: dict[str, tuple], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Read whole global tensors (key -> global shape) straight from a checkpoint, without
+    building a model.  Per-layer keys come back stacked as [num_layers, ...]."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sd = {
+        key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=rank)
+        for key, shape in shapes.items()
+    }
+    with _reading(os.path.join(path, WEIGHTS_DIR)):
+        return dist_checkpointing.load(sd, os.path.join(path, WEIGHTS_DIR))

@@ -1,0 +1,146 @@
+"""``minitron <command> [key=value ...]`` - one console script, one command per stage.
+
+    minitron --help
+    minitron import-hf load=HF_DIR save=CKPT parallel.tp=2
+    torchrun --nproc-per-node 2 -m minitron_mcore import-hf load=HF_DIR save=CKPT parallel.tp=2
+
+Each command has a structured config (a dataclass registered in Hydra's ConfigStore) and a YAML
+file ``conf/<command>.yaml`` built on it; overrides are Hydra's ``key=value`` syntax, and a key
+the dataclass does not declare is rejected before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from minitron_mcore.errors import MinitronError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    target: str  # "module:function"
+    schema: str  # "module:Dataclass"
+    help: str
+
+    def resolve(self, which: str) -> Callable:
+        module, attr = getattr(self, which).split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+COMMANDS = {
+    c.name: c
+    for c in [
+        Command(
+            "import-hf",
+            "minitron_mcore.checkpoint.convert:import_hf",
+            "minitron_mcore.checkpoint.convert:ImportHFConfig",
+            "Hugging Face model directory -> Megatron checkpoint (at parallel.tp/pp)",
+        ),
+        Command(
+            "export-hf",
+            "minitron_mcore.checkpoint.convert:export_hf",
+            "minitron_mcore.checkpoint.convert:ExportHFConfig",
+            "Megatron checkpoint -> Hugging Face directory that transformers loads",
+        ),
+    ]
+}
+
+
+def conf_dir() -> str:
+    """The project's ``conf/`` directory (installed as the ``minitron_mcore.conf`` package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("minitron_mcore.conf")
+    if spec and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def _usage() -> str:
+    lines = [
+        "usage: minitron <command> [key=value ...]",
+        "",
+        "Compress LLMs the Minitron way on Megatron-Core.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {c.name:<12} {c.help}" for c in COMMANDS.values()]
+    lines += [
+        "",
+        "`minitron <command> --help` shows a command's keys and defaults.",
+        "Several processes: torchrun --nproc-per-node N -m minitron_mcore <command> ...",
+    ]
+    return "\n".join(lines)
+
+
+def compose(command: str, overrides: list[str]):
+    """Hydra-compose ``conf/<command>.yaml`` with ``overrides`` into the command's dataclass."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cmd = COMMANDS[command]
+    schema_name = f"{command.replace('-', '_')}_schema"
+    ConfigStore.instance().store(name=schema_name, node=cmd.resolve("schema"))
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            cfg = hydra_compose(config_name=command, overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        chain, err = [], e
+        while err is not None:  # Hydra wraps OmegaConf's precise error as __cause__
+            chain.append(str(err).strip().splitlines()[0] if str(err).strip() else "")
+            err = err.__cause__
+        unknown = re.search(r"Key '([^']+)' is not in struct", " ".join(map(str, chain)))
+        if unknown or "Could not override" in chain[0]:
+            key = unknown.group(1) if unknown else chain[0].split("'")[1]
+            first = f"unknown key {key!r}"
+        else:
+            first = "; ".join(c for c in chain if c)
+        raise MinitronError(
+            f"bad configuration for `{command}`: {first}; see `minitron {command} --help`"
+        ) from e
+
+
+def _show_config(command: str) -> str:
+    from omegaconf import OmegaConf
+
+    cfg = compose(command, [])
+    return f"minitron {command} [key=value ...]\n\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(
+            f"error: unknown command {command!r}; run `minitron --help` for the list",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if any(a in ("-h", "--help") for a in overrides):
+            print(_show_config(command))
+            return 0
+        cfg = compose(command, overrides)
+        COMMANDS[command].resolve("target")(cfg)
+    except MinitronError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

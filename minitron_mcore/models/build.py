@@ -1,0 +1,134 @@
+"""ModelArch -> Megatron ``TransformerConfig`` + layer spec -> ``GPTModel``.
+
+The model code is Megatron's, untouched: this module only chooses the config and the spec.
+On a GPU with Transformer Engine installed the TE spec (fused layernorm-linear, fused attention)
+is used; otherwise Megatron's local spec, which runs on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minitron_mcore.models.arch import ModelArch, padded_vocab_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    from minitron_mcore.errors import require
+
+    require(name in DTYPES, f"dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def have_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(use_te: bool | None = None):
+    """Megatron layer spec: Transformer Engine on GPU when importable, local otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def transformer_config(
+    arch: ModelArch,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    hidden_dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+):
+    """Megatron ``TransformerConfig`` for ``arch``.
+
+    Dropout defaults to 0 (Megatron's default is 0.1): Llama, Mistral and Qwen are trained without
+    it, and equal-logits comparisons need it off.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=hidden_dropout,
+        attention_dropout=attention_dropout,
+        init_method_std=arch.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Fused kernels need CUDA (and apex/TE); on CPU the plain PyTorch paths are used.
+        use_cpu_initialization=not gpu,
+        masked_softmax_fusion=gpu,
+        bias_activation_fusion=gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=gpu,
+    )
+
+
+def build_gpt(
+    arch: ModelArch,
+    config,
+    pre_process: bool = True,
+    post_process: bool = True,
+    use_te: bool | None = None,
+    vocab_multiple: int = 128,
+):
+    """A Megatron ``GPTModel`` for this rank's pipeline stage."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=padded_vocab_size(arch.vocab_size, vocab_multiple),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rotary_base,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+
+
+def build_model_for_stage(arch: ModelArch, dtype: torch.dtype = torch.float32, **config_kw):
+    """Build this rank's part of the model using the already-initialised parallel state."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    arch.check_parallel(tp, pp)
+    config = transformer_config(arch, tp, pp, dtype, **config_kw)
+    model = build_gpt(
+        arch,
+        config,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+    return model

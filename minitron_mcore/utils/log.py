@@ -1,0 +1,56 @@
+"""Rank-aware logging: library code logs through here, never with bare ``print``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import torch.distributed as dist
+
+_LOGGER = logging.getLogger("minitron")
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def setup_logging(level: str = "INFO") -> None:
+    if _LOGGER.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[minitron %(asctime)s] %(message)s", "%H:%M:%S"))
+    _LOGGER.addHandler(handler)
+    _LOGGER.setLevel(level)
+    _LOGGER.propagate = False
+
+
+def log0(msg: str, *args) -> None:
+    """Log on global rank 0 only."""
+    if rank() == 0:
+        setup_logging()
+        _LOGGER.info(msg, *args)
+
+
+def log_all(msg: str, *args) -> None:
+    """Log on every rank, prefixed with the rank."""
+    setup_logging()
+    _LOGGER.info("[rank %d] " + msg, rank(), *args)
+
+
+def emit_metrics(metrics: dict, out_dir: str | None) -> None:
+    """The command-line contract: one JSON line on stdout and ``metrics.json`` in ``out_dir``."""
+    if rank() != 0:
+        return
+    line = json.dumps(metrics, sort_keys=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, ".metrics.json.tmp")
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

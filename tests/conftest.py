@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random HF models of every family (made locally), CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "workers")
+FAMILIES = ["llama", "llama-tied", "mistral", "qwen2"]
+
+
+def _env():
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def launch(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
+    """Run ``python -m minitron_mcore``-style argv (or a worker script) in fresh processes:
+    torchrun with ``nproc`` > 1, plain python otherwise."""
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(_free_port()),
+        ] + args
+    else:
+        cmd = [sys.executable] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return r
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def minitron(*overrides: str, nproc: int = 1, check: bool = True):
+    """The CLI as users run it: ``[torchrun ...] -m minitron_mcore <command> key=value ...``."""
+    return launch(["-m", "minitron_mcore", *overrides], nproc=nproc, check=check)
+
+
+def megatron_logits(
+    ckpt: str, tokens_file: str, out: str, tp: int = 1, pp: int = 1, resave: str | None = None
+) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    args = [os.path.join(WORKERS, "logits.py"), ckpt, tokens_file, out, str(tp), str(pp)]
+    launch(args + ([resave] if resave else []), nproc=tp * pp)
+    return load_file(out)["logits"]
+
+
+def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from minitron_mcore.testing.hf_models import make_tokenizer
+
+    return make_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory, tokenizer_dir):
+    """family -> directory of a tiny random HF model (fp32) with its tokenizer."""
+    from minitron_mcore.testing.hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        f: make_hf_model(f, str(root / f), seed=i, tokenizer_dir=tokenizer_dir)
+        for i, f in enumerate(FAMILIES)
+    }
+
+
+@pytest.fixture(scope="session")
+def tokens_file(tmp_path_factory):
+    """A fixed batch of token ids [2, 24] saved for worker processes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 500, (2, 24), generator=g)
+    path = str(tmp_path_factory.mktemp("tokens") / "tokens.safetensors")
+    save_file({"tokens": tokens}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokens(tokens_file):
+    from safetensors.torch import load_file
+
+    return load_file(tokens_file)["tokens"]
