@@ -11,8 +11,8 @@ unavailable (see ``minitron_mcore.compat.activate``).
 Three pieces:
 
 * :class:`CudaToCpuMode` - a ``TorchFunctionMode`` that rewrites CUDA device arguments to
-  CPU, makes ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` / ``is_cuda`` the way a
-  CUDA tensor would, so Megatron's optimizer type checks pass with the same code as on GPU.
+  CPU, makes ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` the way a CUDA tensor
+  would, so Megatron's optimizer type checks pass with the same code as on GPU.
 * :class:`CpuRNGStatesTracker` - Megatron's RNG tracker with the CPU generator standing in for
   the CUDA one, so tensor-parallel dropout is reproducible and differs per TP rank.
 * no-op stand-ins for streams, events, NVTX, ``synchronize`` and memory statistics.
@@ -48,7 +48,6 @@ def _cpu_device_args(args, kwargs):
 _TENSOR_TO = torch.Tensor.to
 _TENSOR_CUDA = torch.Tensor.cuda
 _TENSOR_TYPE = torch.Tensor.type
-_IS_CUDA_GET = torch.Tensor.is_cuda.__get__
 _PIN_MEMORY = torch.Tensor.pin_memory
 
 
@@ -59,10 +58,6 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is _TENSOR_CUDA or func is _PIN_MEMORY:
             return args[0]
-        if func is _IS_CUDA_GET:
-            # Megatron moves optimizer state with `.cuda()` when `not p.is_cuda`; on CPU
-            # every tensor stands in for a CUDA tensor.
-            return True
         if func is _TENSOR_TYPE and len(args) == 1 and not kwargs:
             # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor' for Megatron's optimizer checks.
             return func(*args).replace("torch.", "torch.cuda.", 1)

@@ -50,11 +50,13 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     hidden_dropout: float = 0.0,
     attention_dropout: float = 0.0,
+    **extra,
 ):
     """Megatron ``TransformerConfig`` for ``arch``.
 
     Dropout defaults to 0 (Megatron's default is 0.1): Llama, Mistral and Qwen are trained without
-    it, and equal-logits comparisons need it off.
+    it, and equal-logits comparisons need it off.  ``extra`` passes further TransformerConfig
+    fields (e.g. ``calculate_per_token_loss`` for training).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -88,6 +90,7 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=gpu,
+        **extra,
     )
 
 

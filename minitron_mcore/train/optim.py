@@ -1,0 +1,116 @@
+"""Megatron DDP, Megatron optimizer and ``OptimizerParamScheduler`` from small configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minitron_mcore.errors import require
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) with warmup + decay, as in the Minitron papers' recipes."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to ``lr``."""
+    decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant`` (Megatron's names)."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+    distributed_optimizer: str = "auto"
+    """Shard optimizer state over data-parallel ranks: ``auto`` (on GPU), ``true`` or ``false``."""
+
+
+def use_distributed_optimizer(cfg: OptimConfig) -> bool:
+    choice = str(cfg.distributed_optimizer).lower()
+    require(
+        choice in ("auto", "true", "false"),
+        "train.optim.distributed_optimizer must be auto, true or false",
+    )
+    return torch.cuda.is_available() if choice == "auto" else choice == "true"
+
+
+def wrap_ddp(model, config, distributed_optimizer: bool):
+    """Megatron's DistributedDataParallel: contiguous fp32 grad buffers, DP all-reduce (or
+    reduce-scatter with the distributed optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model, cfg: OptimConfig, config, distributed_optimizer: bool):
+    """Megatron optimizer over a DDP-wrapped model (FP32 or mixed precision per ``config``)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    require(
+        cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr,
+        f"train.lr={cfg.lr} / train.min_lr={cfg.min_lr}: need 0 <= min_lr <= lr and lr > 0",
+    )
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, [model])
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    """Megatron's OptimizerParamScheduler: linear warmup, then ``decay_style`` to ``min_lr``
+    at ``total_steps`` (counted in optimizer steps)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    require(
+        cfg.decay_style in ("cosine", "linear", "constant"),
+        f"train.optim.decay_style={cfg.decay_style!r}: use cosine, linear or constant",
+    )
+    require(
+        0 <= cfg.warmup_steps < max(total_steps, 1) or total_steps == 0,
+        f"train.warmup_steps={cfg.warmup_steps} must be below train.steps={total_steps}",
+    )
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=max(total_steps, 1),
+        lr_decay_style=cfg.decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+
+
+def attach_to_config(config, model, optimizer) -> None:
+    """Hook Megatron's schedules up to DDP and the optimizer (grad sync, loss scaling)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    config.grad_scale_func = optimizer.scale_loss
