@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Minitron-style LLM compression (pruning + distillation) on Megatron-Core",
     python_requires=">=3.10",
-    packages=find_packages(include=["minitron_mcore", "minitron_mcore.*"]) + ["minitron_mcore.conf"],
+    packages=find_packages(include=["minitron_mcore", "minitron_mcore.*"])
+    + ["minitron_mcore.conf"],
     # conf/ ships inside the package so an installed copy finds its Hydra configs.
     package_dir={"minitron_mcore.conf": "conf"},
     package_data={"minitron_mcore.conf": ["*.yaml", "*/*.yaml"]},

@@ -119,6 +119,9 @@ def _show_config(command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minitron_mcore.utils.log import quiet_known_warnings
+
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

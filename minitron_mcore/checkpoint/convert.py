@@ -30,7 +30,7 @@ from minitron_mcore.errors import require
 from minitron_mcore.models.arch import padded_vocab_size
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context, world_size
-from minitron_mcore.utils.log import emit_metrics, log0
+from minitron_mcore.utils.log import emit_metrics, human_count, log0
 
 
 @dataclass
@@ -84,10 +84,10 @@ def import_hf(cfg: ImportHFConfig) -> dict:
 
     with parallel_context(cfg.parallel, cfg.seed):
         log0(
-            "import-hf: %s (%s, %.2fB params) -> %s at TP=%d PP=%d, %s",
+            "import-hf: %s (%s, %s params) -> %s at TP=%d PP=%d, %s",
             cfg.load,
             arch.family,
-            arch.num_params() / 1e9,
+            human_count(arch.num_params()),
             cfg.save,
             cfg.parallel.tp,
             cfg.parallel.pp,
@@ -99,6 +99,7 @@ def import_hf(cfg: ImportHFConfig) -> dict:
             model,
             layer_fn=lambda i: hf_mapping.hf_layer_to_canonical(get, i, arch),
             global_fn=lambda: hf_mapping.hf_global_to_canonical(get, arch, padded),
+            desc="import-hf",
         )
         meta = CheckpointMeta(
             arch=arch,

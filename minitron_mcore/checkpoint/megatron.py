@@ -149,7 +149,12 @@ LayerFn = Callable[[int], dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def fill_model(model, layer_fn: LayerFn, global_fn: Callable[[], dict[str, torch.Tensor]]):
+def fill_model(
+    model,
+    layer_fn: LayerFn,
+    global_fn: Callable[[], dict[str, torch.Tensor]],
+    desc: str = "loading",
+):
     """Copy canonical global tensors into this rank's shards of ``model``.
 
     ``layer_fn(i)`` returns layer ``i``'s canonical tensors, ``global_fn()`` the others.  Layers are
@@ -158,7 +163,10 @@ def fill_model(model, layer_fn: LayerFn, global_fn: Callable[[], dict[str, torch
     by_layer: dict[Optional[int], list] = {}
     for sh in _sharded_tensors(model):
         by_layer.setdefault(layer_of(sh), []).append(sh)
-    for layer in sorted(by_layer, key=lambda x: -1 if x is None else x):
+    from minitron_mcore.utils.log import progress
+
+    order = sorted(by_layer, key=lambda x: -1 if x is None else x)
+    for layer in progress(order, desc=desc, unit="layer"):
         canon = global_fn() if layer is None else layer_fn(layer)
         for sh in by_layer[layer]:
             require(sh.key in canon, f"no source tensor for {sh.key}")

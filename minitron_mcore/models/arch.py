@@ -137,3 +137,27 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     when it is resharded to another TP size.
     """
     return -(-vocab_size // multiple) * multiple
+
+
+def preset_names() -> list[str]:
+    import os
+
+    from minitron_mcore.cli import conf_dir
+
+    return sorted(
+        f[:-5] for f in os.listdir(os.path.join(conf_dir(), "model")) if f.endswith(".yaml")
+    )
+
+
+def load_preset(name: str) -> ModelArch:
+    """A ready model shape from ``conf/model/<name>.yaml`` (a typo in a field fails)."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from minitron_mcore.cli import conf_dir
+
+    path = os.path.join(conf_dir(), "model", f"{name}.yaml")
+    require(os.path.isfile(path), f"model={name!r} is not a preset; choose one of {preset_names()}")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelArch), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

@@ -54,3 +54,37 @@ def emit_metrics(metrics: dict, out_dir: str | None) -> None:
         os.replace(tmp, os.path.join(out_dir, "metrics.json"))
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+# Megatron warns at import about optional accelerators that a CPU run never has; one line each per
+# process and rank drowns the real output.  Only these exact, known-harmless messages are hidden.
+_KNOWN_NOISE = (
+    r"Transformer Engine and Apex are not installed.*",
+    r"Apex is not installed.*",
+    r"full scope is deprecated.*",
+    r"When using async grad allreduce it is recommended.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for pattern in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def progress(iterable, desc: str, total: int | None = None, **kw):
+    """A tqdm progress bar on global rank 0 (silent elsewhere and when stderr is not a TTY
+    unless MINITRON_PROGRESS=1)."""
+    from tqdm import tqdm
+
+    show = rank() == 0 and (sys.stderr.isatty() or os.environ.get("MINITRON_PROGRESS") == "1")
+    return tqdm(iterable, desc=desc, total=total, disable=not show, dynamic_ncols=True, **kw)
