@@ -43,6 +43,24 @@ COMMANDS = {
             "Hugging Face model directory -> Megatron checkpoint (at parallel.tp/pp)",
         ),
         Command(
+            "preprocess",
+            "minitron_mcore.data.preprocess:preprocess",
+            "minitron_mcore.data.preprocess:PreprocessConfig",
+            "text / JSONL -> Megatron indexed dataset (.bin/.idx)",
+        ),
+        Command(
+            "pretrain",
+            "minitron_mcore.stages.pretrain:pretrain",
+            "minitron_mcore.stages.pretrain:PretrainConfig",
+            "train a model of a family from scratch",
+        ),
+        Command(
+            "correct",
+            "minitron_mcore.stages.correct:correct",
+            "minitron_mcore.stages.correct:CorrectConfig",
+            "teacher correction: fine-tune the original model on the distillation data",
+        ),
+        Command(
             "export-hf",
             "minitron_mcore.checkpoint.convert:export_hf",
             "minitron_mcore.checkpoint.convert:ExportHFConfig",

@@ -114,3 +114,35 @@ def tokens(tokens_file):
     from safetensors.torch import load_file
 
     return load_file(tokens_file)["tokens"]
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory, tokenizer_dir):
+    """Two small indexed datasets tokenized with the shared tokenizer: stdlib code and stdlib
+    docstrings (a shifted distribution)."""
+    from minitron_mcore.data.demo import write_demo
+    from minitron_mcore.data.preprocess import iter_documents, write_indexed
+
+    root = tmp_path_factory.mktemp("corpora")
+    out = {}
+    for name in ("stdlib-code", "stdlib-docs"):
+        src = write_demo(name, str(root / "src"), max_docs=150)
+        out[name] = write_indexed(
+            iter_documents([src], "text", "file"), tokenizer_dir, str(root / name), workers=1
+        ) and str(root / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(hf_models, tmp_path_factory):
+    """The tiny Llama imported once (fp32, TP=1) for training tests."""
+    path = str(tmp_path_factory.mktemp("llama_ckpt") / "ckpt")
+    minitron("import-hf", f"load={hf_models['llama']}", f"save={path}", "dtype=fp32")
+    return path
+
+
+def read_log(path: str) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f]

@@ -184,7 +184,7 @@ def fill_model(
 
 
 @contextlib.contextmanager
-def _reading(path: str):
+def reading_checkpoint(path: str):
     """Turn the many exception types a damaged checkpoint raises into one clear error.
     (torch DCP's CheckpointException derives from BaseException, hence the wide net.)"""
     try:
@@ -215,10 +215,12 @@ def tokenizer_files_of(ckpt: str) -> list[str]:
     return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
 
 
-def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=()) -> None:
+def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=(), extra=None) -> None:
     """Collective: every rank writes its shards; rank 0 writes the sidecar and renames.
 
-    ``tokenizer_files`` are copied into ``tokenizer/`` (see :func:`tokenizer_files_of`)."""
+    ``tokenizer_files`` are copied into ``tokenizer/`` (see :func:`tokenizer_files_of`).
+    ``extra(tmp_dir)``, if given, is called on every rank to add more files (training state)
+    before the directory is renamed into place."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -229,6 +231,8 @@ def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=()) 
     barrier()
     try:
         dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+        if extra is not None:
+            extra(tmp)
         barrier()
         if is_rank0():
             meta = dataclasses.replace(
@@ -255,7 +259,7 @@ def load_weights(model, path: str) -> None:
     from megatron.core import dist_checkpointing
 
     weights = os.path.join(path, WEIGHTS_DIR)
-    with _reading(weights):
+    with reading_checkpoint(weights):
         state = dist_checkpointing.load(model.sharded_state_dict(), weights)
     model.load_state_dict(state, strict=True)
 
@@ -275,7 +279,7 @@ def tensors_metadata(path: str) -> dict[str, tuple]:
     """Global shape of every tensor in a checkpoint (key -> shape), without reading data."""
     from megatron.core import dist_checkpointing
 
-    with _reading(os.path.join(path, WEIGHTS_DIR)):
+    with reading_checkpoint(os.path.join(path, WEIGHTS_DIR)):
         md = dist_checkpointing.load_tensors_metadata(os.path.join(path, WEIGHTS_DIR))
     return {k: tuple(v.global_shape) for k, v in md.items()}
 
@@ -293,5 +297,5 @@ def load_canonical(
         key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=rank)
         for key, shape in shapes.items()
     }
-    with _reading(os.path.join(path, WEIGHTS_DIR)):
+    with reading_checkpoint(os.path.join(path, WEIGHTS_DIR)):
         return dist_checkpointing.load(sd, os.path.join(path, WEIGHTS_DIR))

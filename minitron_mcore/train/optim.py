@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from minitron_mcore.errors import require
+from minitron_mcore.train.config import TrainConfig
 
 
-@dataclass
-class OptimConfig:
-    """Adam(W) with warmup + decay, as in the Minitron papers' recipes."""
-
-    lr: float = 3e-4
-    """Peak learning rate."""
-    min_lr: float = 3e-5
-    """Learning rate at the end of the decay."""
-    warmup_steps: int = 0
-    """Linear warmup steps from 0 to ``lr``."""
-    decay_style: str = "cosine"
-    """``cosine``, ``linear`` or ``constant`` (Megatron's names)."""
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clipping (0 disables)."""
-    distributed_optimizer: str = "auto"
-    """Shard optimizer state over data-parallel ranks: ``auto`` (on GPU), ``true`` or ``false``."""
-
-
-def use_distributed_optimizer(cfg: OptimConfig) -> bool:
+def use_distributed_optimizer(cfg: TrainConfig) -> bool:
     choice = str(cfg.distributed_optimizer).lower()
     require(
         choice in ("auto", "true", "false"),
-        "train.optim.distributed_optimizer must be auto, true or false",
+        "train.distributed_optimizer must be auto, true or false",
     )
     return torch.cuda.is_available() if choice == "auto" else choice == "true"
 
@@ -54,7 +31,7 @@ def wrap_ddp(model, config, distributed_optimizer: bool):
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(model, cfg: OptimConfig, config, distributed_optimizer: bool):
+def build_optimizer(model, cfg: TrainConfig, config, distributed_optimizer: bool):
     """Megatron optimizer over a DDP-wrapped model (FP32 or mixed precision per ``config``)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -69,7 +46,6 @@ def build_optimizer(model, cfg: OptimConfig, config, distributed_optimizer: bool
         weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
-        adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad,
         bf16=config.bf16,
         fp16=config.fp16,
@@ -79,14 +55,14 @@ def build_optimizer(model, cfg: OptimConfig, config, distributed_optimizer: bool
     return get_megatron_optimizer(opt_config, [model])
 
 
-def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     """Megatron's OptimizerParamScheduler: linear warmup, then ``decay_style`` to ``min_lr``
     at ``total_steps`` (counted in optimizer steps)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     require(
         cfg.decay_style in ("cosine", "linear", "constant"),
-        f"train.optim.decay_style={cfg.decay_style!r}: use cosine, linear or constant",
+        f"train.decay_style={cfg.decay_style!r}: use cosine, linear or constant",
     )
     require(
         0 <= cfg.warmup_steps < max(total_steps, 1) or total_steps == 0,

@@ -57,7 +57,8 @@ def train_step(model, optimizer, scheduler, forward_step, microbatches, seq_leng
         micro_batch_size=microbatches[0]["tokens"].shape[0],
         forward_only=False,
     )
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    return reduce_lm_loss(losses), grad_norm, optimizer.param_groups[0]["lr"]
+    return reduce_lm_loss(losses), grad_norm, lr

@@ -18,10 +18,22 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be redirected after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     if _LOGGER.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[minitron %(asctime)s] %(message)s", "%H:%M:%S"))
     _LOGGER.addHandler(handler)
     _LOGGER.setLevel(level)

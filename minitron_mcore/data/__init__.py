@@ -1,0 +1,1 @@
+"""Tokenizers, text/JSONL -> indexed datasets, blended GPT datasets, calibration sampling."""

@@ -1,0 +1,32 @@
+"""Pieces shared by the training-type stages."""
+
+from __future__ import annotations
+
+import torch
+
+from minitron_mcore.errors import require
+from minitron_mcore.models.build import resolve_dtype
+
+
+def train_dtype(precision: str) -> torch.dtype:
+    """``train.precision``: auto = bf16 on a GPU that supports it, fp32 otherwise."""
+    require(
+        precision in ("auto", "fp32", "bf16"),
+        f"train.precision={precision!r}: use auto, fp32 or bf16",
+    )
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return resolve_dtype(precision)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def check_tokenizer_vocab(tokenizer, vocab_size: int) -> None:
+    require(
+        tokenizer.vocab_size <= vocab_size,
+        f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+        f"{vocab_size}; they do not belong together - use the model's tokenizer",
+    )

@@ -1,0 +1,91 @@
+"""``minitron pretrain``: train a model of a family from scratch.
+
+    minitron pretrain model=tiny-llama tokenizer=TOK_DIR save=runs/base train.steps=200
+    torchrun --nproc-per-node 2 -m minitron_mcore pretrain model=tiny-llama tokenizer=TOK \\
+        save=runs/base parallel.tp=2
+
+The biggest model of a family is trained once; smaller ones are then pruned and distilled from
+it. ``model.vocab_size`` is set to the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minitron_mcore.checkpoint.megatron import CheckpointMeta, read_meta
+from minitron_mcore.data.datasets import DataConfig
+from minitron_mcore.data.preprocess import resolve_tokenizer_path
+from minitron_mcore.data.tokenizer import Tokenizer
+from minitron_mcore.errors import require
+from minitron_mcore.models.arch import ModelArch
+from minitron_mcore.models.build import build_model_for_stage
+from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.stages.common import dtype_name, train_dtype
+from minitron_mcore.train.config import TrainConfig
+from minitron_mcore.train.loop import TrainJob, resolve_train_config, resume_point, run_training
+from minitron_mcore.utils.log import emit_metrics, human_count, log0
+
+
+@dataclass
+class PretrainConfig:
+    """``minitron pretrain``: a new model trained from random initialisation."""
+
+    save: str = ""
+    """Output checkpoint directory (resumed automatically if it holds this run's state)."""
+    tokenizer: str = ""
+    """Tokenizer directory / SentencePiece .model (stored with the checkpoint)."""
+    model: ModelArch = field(default_factory=ModelArch)
+    """Model shape; pick a preset with ``model=<name>`` (conf/model/)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234
+    resume: str = "auto"
+    """auto: continue from ``save`` if it holds a resumable run; never: start over."""
+    overwrite: bool = False
+    """Allow replacing an existing ``save`` that is not resumable."""
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    require(bool(cfg.save), "save= is empty; pass an output directory, e.g. save=runs/base")
+    resume = resume_point(cfg.save, cfg.resume, cfg.overwrite)
+    tok_path = resolve_tokenizer_path(cfg.tokenizer)
+    require(bool(tok_path), "tokenizer= is empty; pass a tokenizer directory or .model file")
+    tokenizer = Tokenizer(tok_path)
+    arch = cfg.model.replace(vocab_size=tokenizer.vocab_size)
+    if resume:
+        arch = read_meta(resume).arch
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    train = resolve_train_config(cfg.train, arch.max_position_embeddings)
+    dtype = train_dtype(train.precision)
+    with parallel_context(cfg.parallel, cfg.seed):
+        log0(
+            "pretrain: %s model (%s params), %d steps x %d samples x %d tokens",
+            arch.family,
+            human_count(arch.num_params()),
+            train.steps,
+            train.global_batch_size,
+            train.seq_length,
+        )
+        model = build_model_for_stage(
+            arch,
+            dtype,
+            hidden_dropout=train.hidden_dropout,
+            attention_dropout=train.attention_dropout,
+            calculate_per_token_loss=True,
+        )
+        meta = CheckpointMeta(arch=arch, dtype=dtype_name(dtype))
+        job = TrainJob(
+            stage="pretrain",
+            model=model,
+            meta=meta,
+            tokenizer=tokenizer,
+            train=train,
+            data=cfg.data,
+            save=cfg.save,
+            seed=cfg.seed,
+            resume_from=resume,
+        )
+        metrics = run_training(job)
+    emit_metrics(metrics, cfg.save)
+    return metrics

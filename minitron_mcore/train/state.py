@@ -1,0 +1,142 @@
+"""Training checkpoints: weights + optimizer + scheduler + data position + RNG, for exact resume.
+
+A training checkpoint is an ordinary checkpoint directory (see ``checkpoint.megatron``) with:
+
+    CKPT/optim/             optimizer state (dist_checkpointing, sharded like the model)
+    CKPT/train_state.json   iteration, consumed samples, scheduler state, run signature
+    CKPT/rng/rank_N.json    every rank's RNG states (Python, NumPy, torch, Megatron tracker)
+
+Everything is written into ``CKPT.partial`` and renamed into place only when complete, so a
+crash while saving leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minitron_mcore.checkpoint.megatron import (
+    META_FILE,
+    CheckpointMeta,
+    load_weights,
+    reading_checkpoint,
+    save_checkpoint,
+)
+from minitron_mcore.errors import require
+from minitron_mcore.parallel import barrier, is_rank0
+from minitron_mcore.utils.log import log0
+
+OPTIM_DIR = "optim"
+# The distributed optimizer's state is stored in the model's (global) layout, so a run can be
+# resumed on a different TP/PP/DP layout; Megatron's default format for it needs a flattened
+# layout this Megatron version no longer accepts.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+TRAIN_STATE = "train_state.json"
+RNG_DIR = "rng"
+
+
+def has_train_state(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAIN_STATE)) and os.path.isfile(
+        os.path.join(path, META_FILE)
+    )
+
+
+def read_train_state(path: str) -> dict:
+    with open(os.path.join(path, TRAIN_STATE)) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    np_state = np.random.get_state()
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+        "tracker": {
+            k: (v.get_state() if isinstance(v, torch.Generator) else v).tolist()
+            for k, v in tracker.items()
+        },
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    kind, key, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state(
+        (kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    )
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k: torch.tensor(v, dtype=torch.uint8) for k, v in s["tracker"].items()}
+    )
+
+
+def save_training_checkpoint(
+    path: str,
+    model,
+    optimizer,
+    scheduler,
+    meta: CheckpointMeta,
+    train_state: dict,
+    tokenizer_files: list[str],
+) -> None:
+    """Collective save of everything needed to resume; atomic on the directory level."""
+    from megatron.core import dist_checkpointing
+
+    def extra(tmp: str) -> None:
+        os.makedirs(os.path.join(tmp, OPTIM_DIR), exist_ok=True)
+        barrier()
+        model_sd = model.sharded_state_dict()
+        dist_checkpointing.save(
+            optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
+            os.path.join(tmp, OPTIM_DIR),
+        )
+        os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
+        with open(os.path.join(tmp, RNG_DIR, f"rank_{dist.get_rank()}.json"), "w") as f:
+            json.dump(_rng_state(), f)
+        barrier()
+        if is_rank0():
+            state = dict(
+                train_state, scheduler=scheduler.state_dict(), world_size=dist.get_world_size()
+            )
+            with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
+                json.dump(state, f, indent=2)
+
+    save_checkpoint(model, path, meta, tokenizer_files, extra=extra)
+
+
+def load_training_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and (same world size) RNG state from ``path``."""
+    from megatron.core import dist_checkpointing
+
+    load_weights(model, path)
+    optim_dir = os.path.join(path, OPTIM_DIR)
+    require(
+        os.path.isdir(optim_dir),
+        f"{path} has no optimizer state ({OPTIM_DIR}/); it cannot "
+        "be resumed - start a new run with another save=",
+    )
+    with reading_checkpoint(optim_dir):
+        model_sd = model.sharded_state_dict()
+        sharded = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
+        state = dist_checkpointing.load(sharded, optim_dir)
+    optimizer.load_state_dict(state)
+    train_state = read_train_state(path)
+    scheduler.load_state_dict(train_state["scheduler"])
+    rng_file = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank()}.json")
+    if train_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
+        with open(rng_file) as f:
+            _set_rng_state(json.load(f))
+    else:
+        log0("resume: different world size than the saved run; RNG streams restart from the seed")
+    return train_state
