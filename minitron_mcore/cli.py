@@ -61,6 +61,12 @@ COMMANDS = {
             "teacher correction: fine-tune the original model on the distillation data",
         ),
         Command(
+            "evaluate",
+            "minitron_mcore.evaluate:evaluate",
+            "minitron_mcore.evaluate:EvaluateConfig",
+            "validation loss / perplexity of a checkpoint",
+        ),
+        Command(
             "export-hf",
             "minitron_mcore.checkpoint.convert:export_hf",
             "minitron_mcore.checkpoint.convert:ExportHFConfig",

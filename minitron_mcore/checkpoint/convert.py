@@ -93,7 +93,11 @@ def import_hf(cfg: ImportHFConfig) -> dict:
             cfg.parallel.pp,
             dtype_name,
         )
-        model = build_model_for_stage(arch, dtype)
+        # Every weight is overwritten from the HF files: skip Megatron's random init (~40% of
+        # the import time on a 1B model, see benchmarks/README.md). Not for models that train:
+        # with CPU initialisation Megatron then skips marking the TP-sharded parameters, and
+        # gradient-norm clipping would count them wrongly.
+        model = build_model_for_stage(arch, dtype, perform_initialization=False)
         padded = padded_vocab_size(arch.vocab_size)
         fill_model(
             model,
@@ -107,6 +111,7 @@ def import_hf(cfg: ImportHFConfig) -> dict:
             hf_config=hf_cfg,
             hf_generation_config=hf_io.read_generation_config(cfg.load),
         ).with_step("import-hf", source=os.path.abspath(cfg.load))
+        reader.close()  # unmap the source files before the save's own copies peak
         save_checkpoint(model, cfg.save, meta, tok_files)
     metrics = {
         "command": "import-hf",

@@ -142,6 +142,10 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def close(self) -> None:
+        """Drop the file handles (and their memory maps)."""
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         require(name in self._where, f"tensor {name} is missing from the safetensors weights")
         try:

@@ -181,6 +181,33 @@ def build_datasets(
     return train_ds, valid_ds
 
 
+def build_eval_dataset(cfg: DataConfig, tok: Tokenizer, seq_length: int, seed: int, samples: int):
+    """A validation GPTDataset from ``data.valid`` (or, if empty, all of ``data.train``)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    blend = resolve_blend(cfg.valid or cfg.train, tok, cfg)
+    require(blend is not None, "no evaluation data: set data.valid=[PREFIX or FILE]")
+    _check_size(blend[0], seq_length)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tok,
+        blend_per_split=[None, blend, None],
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=os.path.join(cfg.cache_dir, "index-cache"),
+    )
+    _, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [None, samples, None], lambda: True, config
+    ).build()
+    return valid
+
+
 def collate(samples: list[dict]) -> dict:
     keys = ("tokens", "labels", "loss_mask", "position_ids")
     return {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in keys}

@@ -74,7 +74,7 @@ def correct(cfg: CorrectConfig) -> dict:
     resume = resume_point(cfg.save, cfg.resume, cfg.overwrite)
     meta.arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     train = resolve_train_config(
-        recipe(cfg, meta.train_state or {}), meta.arch.max_position_embeddings
+        recipe(cfg, meta.train_state or {}), meta.arch.max_position_embeddings, cfg.parallel
     )
     tokenizer = Tokenizer(resolve_tokenizer_path(cfg.load))
     check_tokenizer_vocab(tokenizer, meta.arch.vocab_size)

@@ -56,7 +56,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if resume:
         arch = read_meta(resume).arch
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    train = resolve_train_config(cfg.train, arch.max_position_embeddings)
+    train = resolve_train_config(cfg.train, arch.max_position_embeddings, cfg.parallel)
     dtype = train_dtype(train.precision)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(

@@ -107,7 +107,8 @@ def _broadcast_loss(loss: float) -> float:
     return t.item()
 
 
-def resolve_train_config(cfg: TrainConfig, max_positions: int) -> TrainConfig:
+def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) -> TrainConfig:
+    """Validate ``train.*`` before any work starts and fill derived defaults (min_lr)."""
     require(cfg.steps > 0, f"train.steps={cfg.steps} must be positive")
     require(cfg.lr is not None and cfg.lr > 0, "train.lr must be set to a positive value")
     require(
@@ -120,6 +121,20 @@ def resolve_train_config(cfg: TrainConfig, max_positions: int) -> TrainConfig:
         f"train.seq_length={cfg.seq_length} exceeds the model's maximum sequence length "
         f"{max_positions}; use a shorter train.seq_length",
     )
+    require(
+        0 <= cfg.warmup_steps < cfg.steps,
+        f"train.warmup_steps={cfg.warmup_steps} must be below train.steps={cfg.steps}",
+    )
+    if parallel is not None:
+        from minitron_mcore.parallel import world_size
+
+        dp = max(world_size() // (parallel.tp * parallel.pp), 1)
+        require(
+            cfg.global_batch_size % (cfg.micro_batch_size * dp) == 0,
+            f"train.global_batch_size={cfg.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={cfg.micro_batch_size} x data-parallel size {dp}; "
+            "make it a multiple",
+        )
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     return dataclasses.replace(cfg, min_lr=min_lr)
 
@@ -140,7 +155,8 @@ def run_training(job: TrainJob) -> dict:
 
     start = 0
     if job.resume_from:
-        state = load_training_checkpoint(job.resume_from, ddp, opt, sched)
+        # Weights go through the unwrapped model: DDP's state-dict names carry a 'module.' prefix.
+        state = load_training_checkpoint(job.resume_from, model, opt, sched)
         start = state["iteration"]
         log0("resumed %s at step %d/%d", job.resume_from, start, cfg.steps)
 
@@ -190,7 +206,7 @@ def run_training(job: TrainJob) -> dict:
         }
         meta = job.meta.with_step(job.stage, iteration=step, steps=cfg.steps)
         meta = dataclasses.replace(meta, train_state=train_state)
-        save_training_checkpoint(job.save, ddp, opt, sched, meta, train_state, tok_files)
+        save_training_checkpoint(job.save, model, opt, sched, meta, train_state, tok_files)
 
     first_loss = last_loss = float("nan")
     val_losses = {}
