@@ -61,6 +61,18 @@ COMMANDS = {
             "teacher correction: fine-tune the original model on the distillation data",
         ),
         Command(
+            "importance",
+            "minitron_mcore.importance.command:importance",
+            "minitron_mcore.importance.command:ImportanceCommandConfig",
+            "activation-based importance of heads, groups, neurons, channels and layers",
+        ),
+        Command(
+            "prune",
+            "minitron_mcore.prune.command:prune",
+            "minitron_mcore.prune.command:PruneCommandConfig",
+            "structured width/depth pruning of a checkpoint with importance scores",
+        ),
+        Command(
             "evaluate",
             "minitron_mcore.evaluate:evaluate",
             "minitron_mcore.evaluate:EvaluateConfig",

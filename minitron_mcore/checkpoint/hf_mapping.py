@@ -229,6 +229,23 @@ def layer_keys(arch: ModelArch) -> list[str]:
     return keys + ([QKV_BIAS] if arch.qkv_bias else [])
 
 
+def layer_shapes(arch: ModelArch) -> dict[str, tuple]:
+    """Global shape of every per-layer canonical tensor of ``arch``."""
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    qkv = arch.num_query_groups * (arch.heads_per_group + 2) * d
+    shapes = {
+        QKV: (qkv, h),
+        PROJ: (h, arch.num_attention_heads * d),
+        INPUT_NORM: (h,),
+        MLP_NORM: (h,),
+        FC1: (2 * f, h),
+        FC2: (h, f),
+    }
+    if arch.qkv_bias:
+        shapes[QKV_BIAS] = (qkv,)
+    return shapes
+
+
 def global_keys(arch: ModelArch) -> list[str]:
     return [EMBED, FINAL_NORM] + ([] if arch.tie_embeddings else [OUTPUT])
 

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -51,6 +52,9 @@ class CheckpointMeta:
     prune_plan: Optional[dict] = None
     provenance: list = field(default_factory=list)
     train_state: Optional[dict] = None
+    checkpoint_id: str = ""
+    """A fresh id for every save: importance scores record it, so pruning can refuse scores
+    computed on a different checkpoint."""
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -148,7 +152,58 @@ def layer_of(sh) -> Optional[int]:
 LayerFn = Callable[[int], dict[str, torch.Tensor]]
 
 
+def shards_by_layer(model) -> dict[Optional[int], list]:
+    """This rank's ShardedTensors grouped by global layer (``None``: embeddings, final norm,
+    output layer)."""
+    by_layer: dict[Optional[int], list] = {}
+    for sh in _sharded_tensors(model):
+        by_layer.setdefault(layer_of(sh), []).append(sh)
+    return by_layer
+
+
 @torch.no_grad()
+def copy_into_shards(shards: list, canon: dict[str, torch.Tensor]) -> None:
+    """Copy global (per-layer) tensors into the local parameter slices described by ``shards``."""
+    for sh in shards:
+        require(sh.key in canon, f"no source tensor for {sh.key}")
+        src = _local_slice(sh, canon[sh.key])
+        require(
+            tuple(src.shape) == tuple(sh.data.shape),
+            f"shape mismatch for {sh.key}: source {tuple(src.shape)} vs model "
+            f"{tuple(sh.data.shape)}",
+        )
+        sh.data.copy_(src)
+
+
+@torch.no_grad()
+def gather_shards(shards: list) -> dict[str, torch.Tensor]:
+    """The global (per-layer) tensors behind ``shards``, assembled from every TP rank.
+
+    Every TP rank of a stage holds the same list of ShardedTensors (same keys, same order, equal
+    local shapes), so one all-gather per shard brings all the pieces; replicated tensors are
+    simply written more than once."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    tp = ps.get_tensor_model_parallel_world_size()
+    out: dict[str, torch.Tensor] = {}
+    for sh in shards:
+        shape = sh.global_shape[sh.prepend_axis_num :]
+        buf = out.setdefault(sh.key, torch.empty(shape, dtype=sh.data.dtype))
+        local = sh.data.detach().contiguous()
+        offset = torch.tensor(sh.global_offset[sh.prepend_axis_num :], dtype=torch.long)
+        datas, offsets = [local], [offset]
+        if tp > 1:
+            datas = [torch.empty_like(local) for _ in range(tp)]
+            offsets = [torch.empty_like(offset) for _ in range(tp)]
+            dist.all_gather(datas, local, group=group)
+            dist.all_gather(offsets, offset, group=group)
+        for d, o in zip(datas, offsets):
+            idx = tuple(slice(int(a), int(a) + n) for a, n in zip(o, d.shape))
+            buf[idx] = d
+    return out
+
+
 def fill_model(
     model,
     layer_fn: LayerFn,
@@ -160,24 +215,12 @@ def fill_model(
     ``layer_fn(i)`` returns layer ``i``'s canonical tensors, ``global_fn()`` the others.  Layers are
     converted one at a time, so memory stays near the local model plus one global layer.
     """
-    by_layer: dict[Optional[int], list] = {}
-    for sh in _sharded_tensors(model):
-        by_layer.setdefault(layer_of(sh), []).append(sh)
     from minitron_mcore.utils.log import progress
 
+    by_layer = shards_by_layer(model)
     order = sorted(by_layer, key=lambda x: -1 if x is None else x)
     for layer in progress(order, desc=desc, unit="layer"):
-        canon = global_fn() if layer is None else layer_fn(layer)
-        for sh in by_layer[layer]:
-            require(sh.key in canon, f"no source tensor for {sh.key}")
-            src = _local_slice(sh, canon[sh.key])
-            require(
-                tuple(src.shape) == tuple(sh.data.shape),
-                f"shape mismatch for {sh.key}: source {tuple(src.shape)} vs model "
-                f"{tuple(sh.data.shape)}",
-            )
-            sh.data.copy_(src)
-        del canon
+        copy_into_shards(by_layer[layer], global_fn() if layer is None else layer_fn(layer))
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -237,6 +280,7 @@ def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=(), 
         if is_rank0():
             meta = dataclasses.replace(
                 meta,
+                checkpoint_id=uuid.uuid4().hex,
                 saved_tp=ps.get_tensor_model_parallel_world_size(),
                 saved_pp=ps.get_pipeline_model_parallel_world_size(),
             )
@@ -264,13 +308,15 @@ def load_weights(model, path: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str, dtype: Optional[torch.dtype] = None, **config_kw):
-    """Build this rank's stage of the checkpoint's model and load its weights."""
+def load_model(path: str, dtype: Optional[torch.dtype] = None, use_te=None, **config_kw):
+    """Build this rank's stage of the checkpoint's model and load its weights.
+
+    ``use_te=False`` forces the local layer spec (separate norm modules, for activation hooks)."""
     from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 
     meta = read_meta(path)
     dtype = dtype or resolve_dtype(meta.dtype)
-    model = build_model_for_stage(meta.arch, dtype, **config_kw)
+    model = build_model_for_stage(meta.arch, dtype, use_te=use_te, **config_kw)
     load_weights(model, path)
     return model, meta
 

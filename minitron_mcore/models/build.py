@@ -120,7 +120,9 @@ def build_gpt(
     )
 
 
-def build_model_for_stage(arch: ModelArch, dtype: torch.dtype = torch.float32, **config_kw):
+def build_model_for_stage(
+    arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None, **config_kw
+):
     """Build this rank's part of the model using the already-initialised parallel state."""
     from megatron.core import parallel_state as ps
 
@@ -133,5 +135,6 @@ def build_model_for_stage(arch: ModelArch, dtype: torch.dtype = torch.float32, *
         config,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
+        use_te=use_te,
     )
     return model

@@ -75,6 +75,7 @@ _KNOWN_NOISE = (
     r"Apex is not installed.*",
     r"full scope is deprecated.*",
     r"When using async grad allreduce it is recommended.*",
+    r"Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
 
 

@@ -1,0 +1,190 @@
+"""Prune targets + importance scores -> a prune plan (kept indices per axis, dropped layers).
+
+Depth first, then width (Minitron, arXiv 2407.14679 sec. 2.3): layers are chosen from the layer
+scores; embedding channels are ranked by their importance summed over the kept layers; each kept
+layer then keeps its most important MLP neurons, query groups, and heads within each group.
+Kept indices are returned in ascending order (the model keeps its original channel order) and
+ties break towards the lower index, so a plan is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from minitron_mcore.errors import require
+from minitron_mcore.importance.aggregate import group_scores
+from minitron_mcore.importance.scores import Scores
+from minitron_mcore.models.arch import ModelArch
+from minitron_mcore.prune.slicing import LayerPlan
+
+DEPTH_METRICS = ("block_loss", "layer_loss", "bi")
+
+
+@dataclass
+class PruneTarget:
+    """Target sizes (null = keep the source's)."""
+
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    num_layers: Optional[int] = None
+
+
+@dataclass
+class PruneConfig:
+    """``prune.*``."""
+
+    target: PruneTarget = field(default_factory=PruneTarget)
+    drop_layers: list = field(default_factory=list)
+    """Explicit layers (0-based) to drop; overrides ``target.num_layers``."""
+    depth_metric: str = "block_loss"
+    """How layers are chosen for ``target.num_layers``: block_loss (drop the contiguous block
+    whose removal raises the LM loss least - the papers' best), layer_loss (drop the layers whose
+    single removal hurts least) or bi (lowest block importance 1 - cos)."""
+    agg: str = ""
+    """Aggregation to rank width by, "<seq>-<batch>" (e.g. mean-l2); empty = the scores' default."""
+
+
+@dataclass
+class PrunePlan:
+    src: ModelArch
+    dst: ModelArch
+    kept_layers: list[int]
+    """Source layer of each new layer, in order."""
+    hidden: Optional[list[int]]
+    """Kept embedding channels (None = all)."""
+    layers: list[LayerPlan]
+    """Per new layer."""
+
+    def to_dict(self) -> dict:
+        return {
+            "source_arch": self.src.to_dict(),
+            "kept_layers": self.kept_layers,
+            "dropped_layers": [i for i in range(self.src.num_layers) if i not in self.kept_layers],
+            "layer_map": {str(j): i for j, i in enumerate(self.kept_layers)},
+            "hidden": self.hidden,
+            "layers": [dataclasses.asdict(p) for p in self.layers],
+        }
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, ties to the lower index, returned ascending."""
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def _check_target(src: ModelArch, t: PruneTarget) -> ModelArch:
+    for name in (
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "num_layers",
+    ):
+        want, have = getattr(t, name), getattr(src, name)
+        if want is not None:
+            require(
+                0 < want <= have,
+                f"prune.target.{name}={want} is not possible: the model has "
+                f"{have} (a target must be between 1 and the current size)",
+            )
+    groups = t.num_query_groups or src.num_query_groups
+    heads = t.num_attention_heads or (src.heads_per_group * groups)
+    require(
+        heads % groups == 0,
+        f"prune.target.num_attention_heads={heads} is not divisible by "
+        f"num_query_groups={groups}; every group keeps the same number "
+        "of heads",
+    )
+    require(
+        heads // groups <= src.heads_per_group,
+        f"{heads} heads over {groups} query groups needs {heads // groups} heads per group, "
+        f"but the source groups have {src.heads_per_group}; keep more groups",
+    )
+    return src.replace(
+        hidden_size=t.hidden_size or src.hidden_size,
+        ffn_hidden_size=t.ffn_hidden_size or src.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        num_layers=t.num_layers or src.num_layers,
+        kv_channels=src.kv_channels,
+    )
+
+
+def choose_layers(src: ModelArch, cfg: PruneConfig, scores: Optional[Scores]) -> list[int]:
+    n = src.num_layers
+    if cfg.drop_layers:
+        drop = sorted({int(i) for i in cfg.drop_layers})
+        require(
+            all(0 <= i < n for i in drop), f"prune.drop_layers={drop} has layers outside 0..{n - 1}"
+        )
+        require(len(drop) < n, "prune.drop_layers would drop every layer; keep at least one")
+        return [i for i in range(n) if i not in drop]
+    keep = cfg.target.num_layers or n
+    if keep == n:
+        return list(range(n))
+    require(scores is not None, "depth pruning needs scores= from minitron importance")
+    require(
+        cfg.depth_metric in DEPTH_METRICS,
+        f"prune.depth_metric={cfg.depth_metric!r}: use one of {DEPTH_METRICS}",
+    )
+    drop_n = n - keep
+    if cfg.depth_metric == "block_loss":
+        key = f"layer_loss.block{drop_n}"
+        require(
+            key in scores.tensors,
+            f"the scores have no LM loss for removing {drop_n} contiguous layers; re-run "
+            f"minitron importance with importance.block_sizes=[{drop_n}] (or use "
+            "prune.depth_metric=layer_loss)",
+        )
+        start = top_k(-scores.tensors[key], 1)[0]  # the block whose removal hurts least
+        return [i for i in range(n) if not start <= i < start + drop_n]
+    if cfg.depth_metric == "layer_loss":
+        require(
+            "layer_loss.block1" in scores.tensors,
+            "the scores have no single-layer removal loss; re-run importance with "
+            "importance.block_sizes=[1]",
+        )
+        return top_k(scores.tensors["layer_loss.block1"], keep)  # high loss without it = keep
+    return top_k(scores.tensors["layer_bi"], keep)
+
+
+def make_plan(src: ModelArch, cfg: PruneConfig, scores: Optional[Scores]) -> PrunePlan:
+    dst = _check_target(src, cfg.target)
+    kept_layers = choose_layers(src, cfg, scores)
+    dst = dst.replace(num_layers=len(kept_layers))
+    agg = cfg.agg or None
+    width = (
+        dst.hidden_size,
+        dst.ffn_hidden_size,
+        dst.num_attention_heads,
+        dst.num_query_groups,
+    ) != (src.hidden_size, src.ffn_hidden_size, src.num_attention_heads, src.num_query_groups)
+    require(scores is not None or not width, "width pruning needs scores= from minitron importance")
+    hidden = None
+    if dst.hidden_size != src.hidden_size:
+        hidden = top_k(scores.hidden(kept_layers, agg), dst.hidden_size)
+    layers = []
+    hpg_new = dst.num_attention_heads // dst.num_query_groups
+    for i in kept_layers:
+        if scores is None:
+            layers.append(
+                LayerPlan(
+                    list(range(src.num_query_groups)),
+                    [list(range(src.heads_per_group))] * src.num_query_groups,
+                    list(range(src.ffn_hidden_size)),
+                )
+            )
+            continue
+        head = scores.site(i, "heads", agg)
+        groups = top_k(group_scores(head, src.num_query_groups), dst.num_query_groups)
+        per_group = head.reshape(src.num_query_groups, src.heads_per_group)
+        heads = [top_k(per_group[g], hpg_new) for g in groups]
+        neurons = top_k(scores.site(i, "mlp", agg), dst.ffn_hidden_size)
+        layers.append(LayerPlan(groups, heads, neurons))
+    return PrunePlan(src, dst, kept_layers, hidden, layers)
