@@ -11,7 +11,7 @@ setup(
     + ["minitron_mcore.conf"],
     # conf/ ships inside the package so an installed copy finds its Hydra configs.
     package_dir={"minitron_mcore.conf": "conf"},
-    package_data={"minitron_mcore.conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"minitron_mcore.conf": ["*.yaml", "*/*.yaml"]},  # model/, recipe/
     install_requires=[
         # torch is not pinned here: setup.sh installs the CPU build (or keeps an NGC container's).
         "torch>=2.4",

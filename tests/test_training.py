@@ -10,19 +10,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, _env, minitron, read_log
+from conftest import ROOT, _env, canonical_weights, minitron, read_log
 
 pytestmark = pytest.mark.multiproc
-
-
-def canonical_weights(ckpt):
-    """Every global tensor of a checkpoint, read back through dist_checkpointing."""
-    from minitron_mcore.checkpoint.megatron import load_canonical, read_meta, tensors_metadata
-    from minitron_mcore.models.build import resolve_dtype
-    from minitron_mcore.parallel import ParallelConfig, parallel_context
-
-    with parallel_context(ParallelConfig()):
-        return load_canonical(ckpt, tensors_metadata(ckpt), resolve_dtype(read_meta(ckpt).dtype))
 
 
 def test_pretrain_on_demo_corpus_lowers_validation_loss(tokenizer_dir, corpora, tmp_path):

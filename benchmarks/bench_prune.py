@@ -1,0 +1,294 @@
+"""Benchmark: ``minitron prune`` wall time and peak RSS on a ~1B-parameter checkpoint vs its size.
+
+Run from the repository root, in the project's virtualenv::
+
+    python benchmarks/bench_prune.py [--work-dir /tmp/minitron_bench] [--repeats 1] [--keep]
+
+What it does:
+
+1. Reuses (or creates once) the random bf16 Llama-3.2-1B-shaped HF model of
+   ``bench_import_hf.py`` (1.24B parameters, same cache directory and writer), and imports it
+   once with ``python -m minitron_mcore import-hf load=HF save=WORK_DIR/prune/ckpt-...`` (cached;
+   bf16, like the source).
+2. Writes a hand-made importance-scores directory for that checkpoint (running the real
+   ``minitron importance`` on 1B parameters on a CPU would take hours): random per-layer
+   ``heads`` / ``mlp`` / ``hidden`` scores for the ``mean-l2`` aggregation, ``layer_bi`` and
+   ``layer_loss.block{n}`` for n = 1 and n = L - ``--target-layers``, with the checkpoint's id
+   and arch in ``scores.json`` (``minitron_mcore.importance.scores.Scores.save``), so ``prune``
+   accepts it.
+3. For each repeat, measures as whole subprocesses (interpreter start and imports included),
+   with ``bench_import_hf.measure`` (wall time; peak RSS from ``/usr/bin/time -v``, the kernel's
+   high-water mark of the largest process of the tree; the psutil tree-sum as an upper bound):
+
+   - ``width``: ``python -m minitron_mcore prune load=CKPT scores=SCORES save=OUT
+     prune.target.hidden_size=1536 prune.target.ffn_hidden_size=6144``;
+   - ``depth``: ``python -m minitron_mcore prune load=CKPT scores=SCORES save=OUT
+     prune.target.num_layers=8`` (the default ``prune.depth_metric=block_loss``).
+
+4. Prints a table (wall time, the command's own ``seconds``, peak RSS, pruned checkpoint size,
+   peak RSS / source checkpoint size, peak RSS / (source + pruned size)) and one JSON line.
+
+Checkpoint sizes are the bytes of the files under ``CKPT/weights`` (``du -sb`` of it).  Needs
+about 2.5 GiB of disk for the HF model, 2.5 GiB for the imported checkpoint, up to 2 GiB per kept
+output, and about 8 GiB of free RAM.  ``--num-layers`` / ``--vocab-size`` shrink the source
+model for a quick check of the script itself.  Exits non-zero, with the failing command's stderr
+tail, if a step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_import_hf as bih  # noqa: E402  (the sibling benchmark: model writer, measure())
+
+GIB = bih.GIB
+SEED = 1234
+AGG = "mean-l2"
+SIDES = {"width": "prune width", "depth": "prune depth"}
+# The fixed cost of any ``minitron`` process: the interpreter, torch + Megatron imports, the
+# prune module and a one-rank parallel context (gloo group, Megatron groups, seeds).
+STARTUP_CODE = """
+import json, time
+t0 = time.perf_counter()
+import torch
+from minitron_mcore.prune import command
+from minitron_mcore.parallel import ParallelConfig, parallel_context
+with parallel_context(ParallelConfig()):
+    pass
+print(json.dumps({"seconds": round(time.perf_counter() - t0, 3)}))
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", default="/tmp/minitron_bench", help="model cache and outputs")
+    p.add_argument("--repeats", type=int, default=1, help="measured runs of each prune")
+    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
+    p.add_argument("--num-layers", type=int, default=bih.LLAMA_1B["num_hidden_layers"])
+    p.add_argument("--vocab-size", type=int, default=bih.LLAMA_1B["vocab_size"])
+    p.add_argument("--target-hidden", type=int, default=1536, help="width run hidden_size")
+    p.add_argument("--target-ffn", type=int, default=6144, help="width run ffn_hidden_size")
+    p.add_argument("--target-layers", type=int, default=8, help="depth run num_layers")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if not 1 <= args.target_layers < args.num_layers:
+        p.error("--target-layers must be in 1..num_layers-1")
+    return args
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def ensure_checkpoint(hf_dir: str, spec: dict, prune_dir: str, time_file: str):
+    """The import-hf checkpoint of ``hf_dir``, cached; returns (path, import Run or None)."""
+    name = os.path.basename(hf_dir)
+    ckpt = os.path.join(prune_dir, f"ckpt-{name}")
+    stamp = ckpt + ".spec.json"
+    if os.path.isfile(stamp) and os.path.isfile(os.path.join(ckpt, "minitron.json")):
+        with open(stamp) as f:
+            if json.load(f) == spec:
+                print(f"using cached checkpoint {ckpt}")
+                return ckpt, None
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(ckpt + ".partial", ignore_errors=True)
+    cmd = [sys.executable, "-m", "minitron_mcore", "import-hf", f"load={hf_dir}", f"save={ckpt}"]
+    print(f"importing {hf_dir} -> {ckpt} (once; cached for later runs) ...", flush=True)
+    run = bih.measure("import-hf", cmd, time_file)
+    if run.returncode != 0:
+        bih.fail(run, cmd)
+    with open(stamp, "w") as f:
+        json.dump(spec, f, indent=2, sort_keys=True)
+    return ckpt, run
+
+
+def write_scores(ckpt: str, path: str, blocks: list[int]) -> dict:
+    """A random importance-scores directory that ``prune`` accepts for ``ckpt``."""
+    import torch
+
+    from minitron_mcore.checkpoint.megatron import read_meta
+    from minitron_mcore.importance.scores import Scores
+
+    meta = read_meta(ckpt)
+    a = meta.arch
+    g = torch.Generator().manual_seed(SEED)
+    tensors = {}
+    for i in range(a.num_layers):
+        for site, n in (
+            ("heads", a.num_attention_heads),
+            ("mlp", a.ffn_hidden_size),
+            ("hidden", a.hidden_size),
+        ):
+            tensors[f"layer{i}.{site}.{AGG}"] = torch.rand(n, generator=g)
+    tensors["layer_bi"] = torch.rand(a.num_layers, generator=g)
+    for n in sorted(set(blocks)):
+        tensors[f"layer_loss.block{n}"] = 2.0 + torch.rand(a.num_layers - n + 1, generator=g)
+    tensors["base_loss"] = torch.tensor(2.0)
+    info = {
+        "format": 1,
+        "checkpoint": os.path.abspath(ckpt),
+        "checkpoint_id": meta.checkpoint_id,
+        "arch": a.to_dict(),
+        "default_agg": AGG,
+        "block_sizes": sorted(set(blocks)),
+        "note": "random scores written by benchmarks/bench_prune.py",
+    }
+    shutil.rmtree(path, ignore_errors=True)
+    Scores(tensors, info).save(path)
+    return {"arch": a.to_dict(), "dtype": meta.dtype, "params": a.num_params()}
+
+
+def weights_dir_bytes(ckpt: str) -> int:
+    return bih.dir_bytes(os.path.join(ckpt, "weights"))
+
+
+def layer_bytes(arch: dict, nbytes: int) -> int:
+    """Bytes of one transformer layer of ``arch`` (no biases) in a dtype of ``nbytes``."""
+    h, f, d = arch["hidden_size"], arch["ffn_hidden_size"], arch["kv_channels"]
+    q, kv = arch["num_attention_heads"] * d, arch["num_query_groups"] * d
+    return nbytes * (h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def prune_cmd(ckpt: str, scores: str, out: str, targets: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "minitron_mcore", "prune", f"load={ckpt}", f"scores={scores}"]
+    return cmd + [f"save={out}", *targets]
+
+
+def print_table(runs: dict, startup: list, ckpt_bytes: int, out_bytes: dict, ref: dict) -> None:
+    print()
+    print(
+        f"{'':<14}{'run':>4}{'wall s':>9}{'in-proc s':>11}{'peak RSS GiB':>14}"
+        f"{'tree sum GiB':>14}{'procs':>7}{'out GiB':>9}{'RSS/ckpt':>10}{'RSS/(src+dst)':>15}"
+    )
+    for key, rs in runs.items():
+        for i, r in enumerate(rs):
+            inner = f"{r.inner_s:.1f}" if r.inner_s is not None else "-"
+            print(
+                f"{SIDES[key]:<14}{i + 1:>4}{r.wall_s:>9.1f}{inner:>11}"
+                f"{r.peak_rss_bytes / GIB:>14.2f}{r.sampled_tree_rss_bytes / GIB:>14.2f}"
+                f"{r.max_procs:>7}{out_bytes[key] / GIB:>9.2f}"
+                f"{r.peak_rss_bytes / ckpt_bytes:>10.2f}"
+                f"{r.peak_rss_bytes / (ckpt_bytes + out_bytes[key]):>15.2f}"
+            )
+    for i, r in enumerate(startup):
+        print(
+            f"{'start-up only':<14}{i + 1:>4}{r.wall_s:>9.1f}{r.inner_s or 0:>11.1f}"
+            f"{r.peak_rss_bytes / GIB:>14.2f}{r.sampled_tree_rss_bytes / GIB:>14.2f}"
+            f"{r.max_procs:>7}"
+        )
+    print(f"peak RSS: {runs['width'][0].rss_method}; tree sum: psutil, every 50 ms (upper bound)")
+    print("in-proc s: the command's own `seconds` (imports excluded); out: pruned weights/")
+    print("start-up only: python + imports + a 1-rank parallel context (the fixed cost)")
+    print(f"source checkpoint on disk (weights/): {ckpt_bytes / GIB:.2f} GiB ({ckpt_bytes:,} B)")
+    print(
+        f"one source layer: {ref['src_layer_bytes'] / GIB:.3f} GiB; 'one copy of the model plus "
+        f"one layer' = {(ckpt_bytes + ref['src_layer_bytes']) / GIB:.2f} GiB"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work_dir = os.path.abspath(args.work_dir)
+    prune_dir = os.path.join(work_dir, "prune")
+    os.makedirs(prune_dir, exist_ok=True)
+    time_file = os.path.join(prune_dir, "time-v.txt")
+    spec = bih.model_spec(args.num_layers, args.vocab_size)
+    hf_dir = bih.ensure_hf_model(work_dir, spec)
+    ckpt, import_run = ensure_checkpoint(hf_dir, spec, prune_dir, time_file)
+    depth_block = args.num_layers - args.target_layers
+    scores = os.path.join(prune_dir, "scores-random")
+    src = write_scores(ckpt, scores, [1, depth_block])
+    ckpt_bytes = weights_dir_bytes(ckpt)
+    nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[src["dtype"]]
+    ref = {"src_layer_bytes": layer_bytes(src["arch"], nbytes)}
+
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"note: 1-min load average is {load_before:.2f}; other work skews the timings")
+    targets = {
+        "width": [
+            f"prune.target.hidden_size={args.target_hidden}",
+            f"prune.target.ffn_hidden_size={args.target_ffn}",
+        ],
+        "depth": [f"prune.target.num_layers={args.target_layers}"],
+    }
+    runs: dict[str, list] = {k: [] for k in SIDES}
+    startup: list = []
+    out_bytes, metrics = {}, {}
+    for i in range(args.repeats):
+        print(f"[{i + 1}/{args.repeats}] start-up baseline ...", flush=True)
+        cmd = [sys.executable, "-c", STARTUP_CODE]
+        run = bih.measure("start-up", cmd, time_file)
+        if run.returncode != 0:
+            bih.fail(run, cmd)
+        startup.append(run)
+        for key in SIDES:
+            out = os.path.join(prune_dir, f"out-{key}-{i + 1}")
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out + ".partial", ignore_errors=True)
+            cmd = prune_cmd(ckpt, scores, out, targets[key])
+            print(f"[{i + 1}/{args.repeats}] {SIDES[key]} ...", flush=True)
+            run = bih.measure(SIDES[key], cmd, time_file)
+            if run.returncode != 0:
+                bih.fail(run, cmd)
+            runs[key].append(run)
+            out_bytes[key] = weights_dir_bytes(out)
+            metrics[key] = bih._last_json_line(run.stdout) or {}
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+    load_after = os.getloadavg()[0]
+
+    print(f"\nsource: {ckpt} ({src['params'] / 1e9:.3f}B params, {src['dtype']})")
+    for key in SIDES:
+        m = metrics[key]
+        after = m.get("params_after")
+        after_txt = f"{after / 1e9:.3f}B params" if after else "?"
+        print(f"  {SIDES[key]}: {' '.join(targets[key])} -> {after_txt}", end="")
+        print(f", kept layers {m.get('kept_layers')}" if key == "depth" else "")
+    print_table(runs, startup, ckpt_bytes, out_bytes, ref)
+    print(f"1-min load average: {load_before:.2f} before, {load_after:.2f} after")
+
+    result = {
+        "benchmark": "prune",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host_cpus": os.cpu_count(),
+        "loadavg_1min_before": round(load_before, 2),
+        "loadavg_1min_after": round(load_after, 2),
+        "python": platform.python_version(),
+        "params": src["params"],
+        "dtype": src["dtype"],
+        "spec": {k: spec[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
+        "repeats": args.repeats,
+        "ckpt": ckpt,
+        "ckpt_bytes": ckpt_bytes,
+        "src_layer_bytes": ref["src_layer_bytes"],
+        "import_hf": bih.summary([import_run]) if import_run else None,
+        "startup": bih.summary(startup),
+    }
+    for key, rs in runs.items():
+        rss = bih.median(rs, "peak_rss_bytes")
+        result[key] = {
+            **bih.summary(rs),
+            "targets": targets[key],
+            "params_after": metrics[key].get("params_after"),
+            "kept_layers": metrics[key].get("kept_layers"),
+            "out_bytes": out_bytes[key],
+            "peak_rss_over_ckpt": round(rss / ckpt_bytes, 3),
+            "peak_rss_over_src_plus_dst": round(rss / (ckpt_bytes + out_bytes[key]), 3),
+        }
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
