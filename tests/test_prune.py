@@ -184,7 +184,7 @@ def test_scores_and_pruned_checkpoint_equal_under_tp2_and_pp2(ckpts, corpora, tm
         "importance.block_sizes=[1,2]",
     ]
     results = {}
-    for name, tp, pp in (("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)):
+    for name, tp, pp, n in (("tp1", 1, 1, 1), ("tp2", 2, 1, 2), ("pp2", 1, 2, 2), ("dp2", 1, 1, 2)):
         sc, out = str(tmp_path / f"scores_{name}"), str(tmp_path / f"pruned_{name}")
         minitron(
             "importance",
@@ -192,7 +192,7 @@ def test_scores_and_pruned_checkpoint_equal_under_tp2_and_pp2(ckpts, corpora, tm
             f"save={sc}",
             f"parallel.tp={tp}",
             f"parallel.pp={pp}",
-            nproc=tp * pp,
+            nproc=n,
         )
         minitron(
             "prune",
@@ -202,11 +202,11 @@ def test_scores_and_pruned_checkpoint_equal_under_tp2_and_pp2(ckpts, corpora, tm
             *TARGETS["tp"],
             f"parallel.tp={tp}",
             f"parallel.pp={pp}",
-            nproc=tp * pp,
+            nproc=n,
         )
         results[name] = (Scores.load(sc), canonical_weights(out), read_meta(out).prune_plan)
     ref_scores, ref_w, ref_plan = results["tp1"]
-    for name in ("tp2", "pp2"):
+    for name in ("tp2", "pp2", "dp2"):
         scores, w, plan = results[name]
         assert set(scores.tensors) == set(ref_scores.tensors)
         for k, v in ref_scores.tensors.items():
@@ -280,3 +280,23 @@ def test_recipes_give_the_papers_shapes():
     )
     assert 4.4e9 < width.num_params() < 4.6e9
     assert json.dumps(width.to_dict())
+
+
+def test_importance_user_metric(ckpts, corpora, tmp_path):
+    sc = str(tmp_path / "scores")
+    minitron(
+        "importance",
+        f"load={ckpts['llama']}",
+        f"save={sc}",
+        f"data.train=[{corpora['stdlib-code']}]",
+        f"data.cache_dir={tmp_path}/cache",
+        "importance.num_samples=4",
+        "importance.seq_length=32",
+        "importance.micro_batch_size=2",
+        "importance.layer_loss_samples=2",
+        "importance.layer_metric=metric_fns:mean_top_logit",
+    )
+    user = Scores.load(sc).info["user_metric"]
+    assert set(user) == {"full", "0", "1", "2", "3"}
+    # Skipping a layer changes the model's outputs, so the metric moves.
+    assert all(user[str(i)] != user["full"] for i in range(4))
