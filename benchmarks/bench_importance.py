@@ -24,7 +24,10 @@ What it does:
        multiple of one plain pass over those same samples (timed alongside), next to the number
        of passes it makes: 1 + sum over block sizes n of (L - n + 1).
 
-   The overhead ratio is (b) / (a).
+   The overhead ratio is (b) / (a).  Because whole passes taken one after the other drift with
+   the machine's load, each repeat also runs a ``paired`` pass: every micro-batch once plain and
+   once hooked, back to back, alternating which goes first; its ratio (hooked time + the
+   finalisation over plain time) and the median per-micro-batch ratio are reported too.
 2. Unless ``--no-cli``, end to end as separate processes (interpreter start and imports
    included; wall time and the command's own ``seconds`` from its JSON metrics line): a random
    bf16 HF Llama with the same shapes is cached under ``WORK_DIR/importance`` (the model writer
@@ -191,6 +194,34 @@ def run_in_process(args) -> dict:
                 "num_tensors": len(tensors),
             }
 
+        def paired():
+            """Plain and hooked passes one micro-batch at a time, alternating which goes
+            first: both sides see the same machine load (robust on a shared machine)."""
+            collector = ActivationCollector(model)
+            t = {False: 0.0, True: 0.0}
+            ratios = []
+            for k, b in enumerate(batches):
+                dt = {}
+                for hook in (False, True) if k % 2 == 0 else (True, False):
+                    if hook:
+                        collector.attach()
+                    t0 = now()
+                    evaluate(model, fwd, [b], seq)
+                    dt[hook] = now() - t0
+                    if hook:
+                        collector.detach()
+                    t[hook] += dt[hook]
+                ratios.append(dt[True] / dt[False])
+            t0 = now()
+            _layer_tensors(_reduce_and_gather(collector), collector, L)
+            finalise = now() - t0
+            return {
+                "plain_s": t[False],
+                "hooked_s": t[True] + finalise,
+                "ratio": (t[True] + finalise) / t[False],
+                "batch_ratios": ratios,
+            }
+
         def layer_loss():
             t0 = now()
             out, _ = _layer_losses(model, fwd, ll_batches, seq, L, args.blocks, None)
@@ -199,11 +230,12 @@ def run_in_process(args) -> dict:
         print("warm-up ...", flush=True)
         plain()
         hooked()
-        runs = {"plain": [], "importance": [], "plain_ll": [], "layer_loss": []}
+        runs = {"plain": [], "importance": [], "paired": [], "plain_ll": [], "layer_loss": []}
         for r in range(args.repeats):
-            print(f"[{r + 1}/{args.repeats}] plain, importance ...", flush=True)
+            print(f"[{r + 1}/{args.repeats}] plain, importance, paired ...", flush=True)
             runs["plain"].append(plain())
             runs["importance"].append(hooked())
+            runs["paired"].append(paired())
             if ll_batches:
                 print(f"[{r + 1}/{args.repeats}] layer loss ({passes} passes) ...", flush=True)
                 runs["plain_ll"].append(plain(ll_batches))
@@ -351,6 +383,19 @@ def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
         "loss_hooked": runs["importance"][0]["loss"],
     }
     print(f"overhead ratio (b)/(a): {result['overhead_ratio']:.3f}")
+    pr = runs["paired"]
+    batch_ratios = [x for r in pr for x in r["batch_ratios"]]
+    result.update(
+        paired_plain_s=med(pr, "plain_s"),
+        paired_importance_s=med(pr, "hooked_s"),
+        paired_overhead_ratio=med(pr, "ratio"),
+        paired_batch_ratio_median=statistics.median(batch_ratios),
+    )
+    print(
+        f"paired (plain/hooked alternating per micro-batch): overhead ratio "
+        f"{result['paired_overhead_ratio']:.3f} (median over repeats), per-micro-batch median "
+        f"{result['paired_batch_ratio_median']:.3f} over {len(batch_ratios)} pairs"
+    )
     if "layer_loss" in runs:
         ll_plain, ll = med(runs["plain_ll"], "total_s"), med(runs["layer_loss"], "total_s")
         mult = ll / ll_plain

@@ -191,7 +191,9 @@ def gather_shards(shards: list) -> dict[str, torch.Tensor]:
         shape = sh.global_shape[sh.prepend_axis_num :]
         buf = out.setdefault(sh.key, torch.empty(shape, dtype=sh.data.dtype))
         local = sh.data.detach().contiguous()
-        offset = torch.tensor(sh.global_offset[sh.prepend_axis_num :], dtype=torch.long)
+        offset = torch.tensor(
+            sh.global_offset[sh.prepend_axis_num :], dtype=torch.long, device=local.device
+        )
         datas, offsets = [local], [offset]
         if tp > 1:
             datas = [torch.empty_like(local) for _ in range(tp)]
@@ -200,7 +202,7 @@ def gather_shards(shards: list) -> dict[str, torch.Tensor]:
             dist.all_gather(offsets, offset, group=group)
         for d, o in zip(datas, offsets):
             idx = tuple(slice(int(a), int(a) + n) for a, n in zip(o, d.shape))
-            buf[idx] = d
+            buf[idx].copy_(d)  # global buffers stay in host memory
     return out
 
 

@@ -41,8 +41,8 @@ class Accumulator:
             upd = {f"{name}.sum": v.sum(0), f"{name}.sumsq": (v * v).sum(0)}
             for k, t in upd.items():
                 self.stats[k] = self.stats[k] + t if k in self.stats else t
-        n = torch.tensor(float(act.shape[1]))
-        self.stats["count"] = self.stats.get("count", torch.tensor(0.0)) + n
+        n = torch.tensor(float(act.shape[1]), device=act.device)
+        self.stats["count"] = self.stats.get("count", torch.zeros((), device=act.device)) + n
 
     def flat(self) -> torch.Tensor:
         """All statistics in one flat tensor (for one all-reduce)."""
@@ -84,4 +84,4 @@ def block_importance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     Block importance (ShortGPT / Minitron depth pruning): layers that barely change their input
     matter least."""
     cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-    return (1.0 - cos).sum(), torch.tensor(float(cos.numel()))
+    return (1.0 - cos).sum(), torch.tensor(float(cos.numel()), device=cos.device)

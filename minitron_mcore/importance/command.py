@@ -96,7 +96,7 @@ def _reduce_and_gather(collector: ActivationCollector) -> dict[str, torch.Tensor
                     )
                     stats[k] = torch.cat(parts)  # TP ranks hold consecutive channel blocks
         for agg, score in all_scores(stats).items():
-            out[f"{name}.{agg}"] = score
+            out[f"{name}.{agg}"] = score.cpu()
     return out
 
 
@@ -114,7 +114,7 @@ def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int) -
     for i, (total, n) in collector.bi.items():
         red = torch.stack([total, n])
         dist.all_reduce(red, group=ps.get_data_parallel_group())
-        bi[i] = red[0] / red[1].clamp(min=1)
+        bi[i] = (red[0] / red[1].clamp(min=1)).item()
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (tensors, bi))
     merged, bi_all = {}, torch.zeros(num_layers)

@@ -48,7 +48,7 @@ class ActivationCollector:
 
             def on_layer(mod, args, kwargs, out, i=i):
                 total, n = block_importance(_hidden_in(args, kwargs).detach(), out[0].detach())
-                prev = self.bi.get(i, torch.zeros(2))
+                prev = self.bi.get(i, torch.zeros(2, device=total.device))
                 self.bi[i] = prev + torch.stack([total, n])
 
             self._handles += [

@@ -130,6 +130,13 @@ def parallel_context(parallel: ParallelConfig, seed: int = 1234):
         shutdown()
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU with NCCL, CPU with gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

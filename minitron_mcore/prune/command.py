@@ -35,7 +35,7 @@ from minitron_mcore.checkpoint.megatron import (
 from minitron_mcore.errors import require
 from minitron_mcore.importance.scores import Scores
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
-from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.parallel import ParallelConfig, comm_device, parallel_context
 from minitron_mcore.prune.plan import PruneConfig, PrunePlan, make_plan
 from minitron_mcore.prune.slicing import prune_global, prune_layer
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
@@ -74,13 +74,14 @@ def _transfer(tensors, shapes: dict, dtype, src_rank: int, dst_rank: int, me: in
     """Send a pruned layer between pipeline stages (same TP/DP coordinates)."""
     if src_rank == dst_rank:
         return tensors
+    device = comm_device()  # NCCL sends GPU tensors only
     if me == src_rank:
         for k in sorted(shapes):
-            dist.send(tensors[k].contiguous(), dst_rank)
+            dist.send(tensors[k].to(device).contiguous(), dst_rank)
         return None
     out = {}
     for k in sorted(shapes):
-        out[k] = torch.empty(shapes[k], dtype=dtype)
+        out[k] = torch.empty(shapes[k], dtype=dtype, device=device)
         dist.recv(out[k], src_rank)
     return out
 

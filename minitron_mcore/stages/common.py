@@ -30,3 +30,12 @@ def check_tokenizer_vocab(tokenizer, vocab_size: int) -> None:
         f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
         f"{vocab_size}; they do not belong together - use the model's tokenizer",
     )
+
+
+def training_model_kwargs(train) -> dict:
+    """TransformerConfig fields every training stage sets from ``train.*``."""
+    return dict(
+        hidden_dropout=train.hidden_dropout,
+        attention_dropout=train.attention_dropout,
+        calculate_per_token_loss=True,
+    )

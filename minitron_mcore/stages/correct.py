@@ -21,7 +21,12 @@ from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
 from minitron_mcore.parallel import ParallelConfig, parallel_context
-from minitron_mcore.stages.common import check_tokenizer_vocab, dtype_name, train_dtype
+from minitron_mcore.stages.common import (
+    check_tokenizer_vocab,
+    dtype_name,
+    train_dtype,
+    training_model_kwargs,
+)
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.loop import TrainJob, resolve_train_config, resume_point, run_training
 from minitron_mcore.utils.log import emit_metrics, log0
@@ -94,9 +99,7 @@ def correct(cfg: CorrectConfig) -> dict:
         model, _ = load_model(
             cfg.load,
             dtype,
-            hidden_dropout=train.hidden_dropout,
-            attention_dropout=train.attention_dropout,
-            calculate_per_token_loss=True,
+            **training_model_kwargs(train),
         )
         meta = dataclasses.replace(meta, dtype=dtype_name(dtype))
         job = TrainJob(

@@ -20,7 +20,7 @@ from minitron_mcore.errors import require
 from minitron_mcore.models.arch import ModelArch
 from minitron_mcore.models.build import build_model_for_stage
 from minitron_mcore.parallel import ParallelConfig, parallel_context
-from minitron_mcore.stages.common import dtype_name, train_dtype
+from minitron_mcore.stages.common import dtype_name, train_dtype, training_model_kwargs
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.loop import TrainJob, resolve_train_config, resume_point, run_training
 from minitron_mcore.utils.log import emit_metrics, human_count, log0
@@ -70,9 +70,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = build_model_for_stage(
             arch,
             dtype,
-            hidden_dropout=train.hidden_dropout,
-            attention_dropout=train.attention_dropout,
-            calculate_per_token_loss=True,
+            **training_model_kwargs(train),
         )
         meta = CheckpointMeta(arch=arch, dtype=dtype_name(dtype))
         job = TrainJob(

@@ -22,6 +22,7 @@ from minitron_mcore.checkpoint.megatron import CheckpointMeta
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datasets
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
+from minitron_mcore.parallel import comm_device
 from minitron_mcore.train import optim
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.logger import RunLogger
@@ -63,7 +64,7 @@ class _Preemption:
 
     def agreed(self) -> bool:
         """True on every rank if any rank got the signal."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -79,7 +80,7 @@ def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) ->
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.eval()
-    tot = torch.zeros(2)
+    tot = torch.zeros(2, device=comm_device())
     for mbs in batches:
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -102,7 +103,7 @@ def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) ->
 
 def _broadcast_loss(loss: float) -> float:
     """Train loss lives on the last pipeline stage; share it with everyone for logging."""
-    t = torch.tensor([-math.inf if math.isnan(loss) else loss])
+    t = torch.tensor([-math.inf if math.isnan(loss) else loss], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 

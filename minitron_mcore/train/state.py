@@ -56,7 +56,7 @@ def _rng_state() -> dict:
 
     np_state = np.random.get_state()
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return {
+    state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
         "torch": torch.get_rng_state().tolist(),
@@ -65,6 +65,9 @@ def _rng_state() -> dict:
             for k, v in tracker.items()
         },
     }
+    if torch.cuda.is_available():  # the default CUDA generator (on CPU it *is* torch's)
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def _set_rng_state(s: dict) -> None:
@@ -76,6 +79,8 @@ def _set_rng_state(s: dict) -> None:
         (kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
     )
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
     tensor_parallel.get_cuda_rng_tracker().set_states(
         {k: torch.tensor(v, dtype=torch.uint8) for k, v in s["tracker"].items()}
     )
