@@ -143,6 +143,12 @@ def now() -> float:
     return time.perf_counter()
 
 
+def cpu() -> float:
+    """CPU seconds of this process, all threads: less sensitive than wall time to other
+    processes competing for the cores (both sides use the same torch thread count)."""
+    return time.process_time()
+
+
 # ---------------------------------------------------------------------------- in-process
 
 
@@ -170,12 +176,12 @@ def run_in_process(args) -> dict:
         fwd = lm_forward_step(arch.vocab_size)
 
         def plain(bs=batches):
-            t0 = now()
+            t0, c0 = now(), cpu()
             loss = evaluate(model, fwd, bs, seq)
-            return {"total_s": now() - t0, "loss": loss}
+            return {"total_s": now() - t0, "cpu_s": cpu() - c0, "loss": loss}
 
         def hooked():
-            t0 = now()
+            t0, c0 = now(), cpu()
             collector = ActivationCollector(model)
             collector.attach()
             loss = evaluate(model, fwd, batches, seq)
@@ -184,9 +190,10 @@ def run_in_process(args) -> dict:
             local = _reduce_and_gather(collector)
             t2 = now()
             tensors = _layer_tensors(local, collector, L)
-            t3 = now()
+            t3, c3 = now(), cpu()
             return {
                 "total_s": t3 - t0,
+                "cpu_s": c3 - c0,
                 "forward_s": t1 - t0,
                 "reduce_gather_s": t2 - t1,
                 "layer_tensors_s": t3 - t2,
@@ -199,33 +206,40 @@ def run_in_process(args) -> dict:
             first: both sides see the same machine load (robust on a shared machine)."""
             collector = ActivationCollector(model)
             t = {False: 0.0, True: 0.0}
+            c = {False: 0.0, True: 0.0}
             ratios = []
             for k, b in enumerate(batches):
                 dt = {}
                 for hook in (False, True) if k % 2 == 0 else (True, False):
                     if hook:
                         collector.attach()
-                    t0 = now()
+                    t0, c0 = now(), cpu()
                     evaluate(model, fwd, [b], seq)
                     dt[hook] = now() - t0
+                    c[hook] += cpu() - c0
                     if hook:
                         collector.detach()
                     t[hook] += dt[hook]
                 ratios.append(dt[True] / dt[False])
-            t0 = now()
+            t0, c0 = now(), cpu()
             _layer_tensors(_reduce_and_gather(collector), collector, L)
-            finalise = now() - t0
+            finalise, finalise_cpu = now() - t0, cpu() - c0
             return {
                 "plain_s": t[False],
                 "hooked_s": t[True] + finalise,
                 "ratio": (t[True] + finalise) / t[False],
+                "cpu_ratio": (c[True] + finalise_cpu) / c[False],
                 "batch_ratios": ratios,
             }
 
         def layer_loss():
-            t0 = now()
+            t0, c0 = now(), cpu()
             out, _ = _layer_losses(model, fwd, ll_batches, seq, L, args.blocks, None)
-            return {"total_s": now() - t0, "base_loss": float(out["base_loss"])}
+            return {
+                "total_s": now() - t0,
+                "cpu_s": cpu() - c0,
+                "base_loss": float(out["base_loss"]),
+            }
 
         print("warm-up ...", flush=True)
         plain()
@@ -382,27 +396,35 @@ def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
         "loss_plain": runs["plain"][0]["loss"],
         "loss_hooked": runs["importance"][0]["loss"],
     }
-    print(f"overhead ratio (b)/(a): {result['overhead_ratio']:.3f}")
+    result["cpu_overhead_ratio"] = med(runs["importance"], "cpu_s") / med(runs["plain"], "cpu_s")
+    print(
+        f"overhead ratio (b)/(a): {result['overhead_ratio']:.3f} wall time, "
+        f"{result['cpu_overhead_ratio']:.3f} process CPU time"
+    )
     pr = runs["paired"]
     batch_ratios = [x for r in pr for x in r["batch_ratios"]]
     result.update(
         paired_plain_s=med(pr, "plain_s"),
         paired_importance_s=med(pr, "hooked_s"),
         paired_overhead_ratio=med(pr, "ratio"),
+        paired_cpu_overhead_ratio=med(pr, "cpu_ratio"),
         paired_batch_ratio_median=statistics.median(batch_ratios),
     )
     print(
         f"paired (plain/hooked alternating per micro-batch): overhead ratio "
-        f"{result['paired_overhead_ratio']:.3f} (median over repeats), per-micro-batch median "
+        f"{result['paired_overhead_ratio']:.3f} wall, {result['paired_cpu_overhead_ratio']:.3f} "
+        f"CPU (medians over repeats); per-micro-batch wall median "
         f"{result['paired_batch_ratio_median']:.3f} over {len(batch_ratios)} pairs"
     )
     if "layer_loss" in runs:
         ll_plain, ll = med(runs["plain_ll"], "total_s"), med(runs["layer_loss"], "total_s")
         mult = ll / ll_plain
+        cpu_mult = med(runs["layer_loss"], "cpu_s") / med(runs["plain_ll"], "cpu_s")
         print(
             f"(c) layer-removal loss, blocks {args.blocks}, {args.layer_loss_samples} samples: "
             f"{ll:.3f} s = {mult:.2f} x one plain pass over them ({ll_plain:.3f} s); "
-            f"{inproc['passes']} passes -> {mult / inproc['passes']:.3f} x plain per pass"
+            f"{inproc['passes']} passes -> {mult / inproc['passes']:.3f} x plain per pass "
+            f"(process CPU time: {cpu_mult:.2f} x, {cpu_mult / inproc['passes']:.3f} per pass)"
         )
         result.update(
             layer_loss_s=ll,
@@ -410,6 +432,7 @@ def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
             layer_loss_multiple=mult,
             layer_loss_passes=inproc["passes"],
             layer_loss_per_pass=mult / inproc["passes"],
+            layer_loss_cpu_multiple=cpu_mult,
         )
     if cli is not None:
         cr = cli["runs"]

@@ -23,7 +23,9 @@ What it does:
    - ``width``: ``python -m minitron_mcore prune load=CKPT scores=SCORES save=OUT
      prune.target.hidden_size=1536 prune.target.ffn_hidden_size=6144``;
    - ``depth``: ``python -m minitron_mcore prune load=CKPT scores=SCORES save=OUT
-     prune.target.num_layers=8`` (the default ``prune.depth_metric=block_loss``).
+     prune.target.num_layers=8`` (the default ``prune.depth_metric=block_loss``);
+   - ``start-up only``: ``python -c`` importing ``minitron_mcore.prune.command`` and opening and
+     closing a one-rank ``parallel_context``: the fixed time and RSS any such process pays.
 
 4. Prints a table (wall time, the command's own ``seconds``, peak RSS, pruned checkpoint size,
    peak RSS / source checkpoint size, peak RSS / (source + pruned size)) and one JSON line.

@@ -29,8 +29,9 @@ vocab 8192, untied embeddings: 19.27M parameters), the same random tokens (fixed
 batch per step) and the same optimizer settings (lr 3e-4 constant, betas 0.9/0.95, eps 1e-8,
 weight decay 0.1 on matrices only, clip 1.0).  Each side does ``--warmup`` untimed steps, then
 ``--steps`` timed ones; tokens/s = micro-batch · seq-len / median step time (robust to other
-work on the machine; the mean-based figure is in the JSON too).  The load average is printed
-before and after: figures taken while other processes compete for the cores are not comparable.
+work on the machine; the mean-based figure is in the JSON too).  How busy the machine is (CPU
+share used by other processes, load average) is printed before and after, with a warning:
+figures taken while other processes compete for the cores are not comparable.
 
 MFU = model FLOP/s / measured matmul peak of the same precision, with the PaLM convention
 (forward + backward = 3 × forward, no recomputation, causal masking not discounted)::
@@ -286,13 +287,38 @@ def guarded(fn, *a) -> dict:
         return {"ok": False, "error": f"{type(e).__name__}: {e}".strip()[:500]}
 
 
-def load_note(when: str) -> list[float]:
-    """Print the 1/5/15-minute load average, with a warning when it exceeds the thread count."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from /proc/stat; None where it does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def load_note(when: str) -> dict:
+    """Print how busy the machine is while this process sleeps for a second (i.e. the share of
+    the CPUs other processes use) and the load average; warn when others compete for the cores.
+    The 1-minute load average lags by about a minute, so the sampled share decides the warning."""
     load = list(os.getloadavg())
-    busy = load[0] > torch.get_num_threads() + 0.5
-    warn = "  WARNING: other processes compete for the cores" if busy else ""
-    print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{warn}", flush=True)
-    return load
+    a = _cpu_times()
+    time.sleep(1.0)
+    b = _cpu_times()
+    others = None
+    if a and b and b[1] > a[1]:
+        others = (b[0] - a[0]) / (b[1] - a[1])
+    busy = others > 0.1 if others is not None else load[0] > torch.get_num_threads() + 0.5
+    warn = "  WARNING: other processes compete for the cores; figures not comparable"
+    warn = warn if busy else ""
+    share = f"{others:.0%}" if others is not None else "n/a"
+    print(
+        f"machine {when}: CPU used by others {share}, load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{warn}",
+        flush=True,
+    )
+    return {"others_cpu_share": others, "loadavg": load, "contended": busy}
 
 
 def fmt_rate(x: float) -> str:
@@ -385,8 +411,8 @@ def main(argv=None) -> int:
                 "bench": "train",
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
-                "loadavg_before": load_before,
-                "loadavg_after": load_after,
+                "machine_before": load_before,
+                "machine_after": load_after,
                 "model": {
                     "num_layers": arch.num_layers,
                     "hidden_size": arch.hidden_size,

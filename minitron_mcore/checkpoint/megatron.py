@@ -121,19 +121,18 @@ def _sharded_tensors(model):
 
     sd = model.sharded_state_dict()
     apply_factories(sd)
-    out = []
-
-    def walk(x):
+    # An explicit stack, not a recursive closure: the closure's self-reference forms a cycle
+    # that kept every ShardedTensor (and the parameter views they hold) alive until the next
+    # cyclic GC - prune could not free source layers (benchmarks/README.md, bench_prune).
+    out, stack = [], [sd]
+    while stack:
+        x = stack.pop()
         if isinstance(x, ShardedTensor):
             out.append(x)
         elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
+            stack.extend(reversed(list(x.values())))
         elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(sd)
+            stack.extend(reversed(x))
     return out
 
 

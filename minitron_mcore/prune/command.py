@@ -99,6 +99,9 @@ def apply_plan(src_model, dst_model, plan: PrunePlan, dtype) -> None:
     per_src, per_dst = plan.src.num_layers // pp, plan.dst.num_layers // pp
     shapes = hf_mapping.layer_shapes(plan.dst)
     me = dist.get_rank()
+    for i in set(src_layers) - set(plan.kept_layers):  # dropped layers: free them up front
+        src_shards.pop(i, None)
+        _free(src_layers[i])
     for j, i in enumerate(progress(plan.kept_layers, desc="prune", unit="layer")):
         s_src, s_dst = i // per_src, j // per_dst
         pruned = None
@@ -114,9 +117,9 @@ def apply_plan(src_model, dst_model, plan: PrunePlan, dtype) -> None:
         if stage == s_dst:
             copy_into_shards(dst_shards[j], pruned)
     if None in src_shards:  # embeddings / final norm / output layer live on this stage
-        copy_into_shards(
-            dst_shards[None], prune_global(gather_shards(src_shards[None]), plan.hidden)
-        )
+        canon = gather_shards(src_shards.pop(None))
+        _free(src_model)  # only the gathered copy is needed from here on
+        copy_into_shards(dst_shards[None], prune_global(canon, plan.hidden))
 
 
 def prune(cfg: PruneCommandConfig) -> dict:
