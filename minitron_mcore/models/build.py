@@ -137,4 +137,9 @@ def build_model_for_stage(
         post_process=ps.is_pipeline_last_stage(),
         use_te=use_te,
     )
+    if dtype != torch.float32:
+        # Megatron leaves some modules (the torch RMSNorm of the local spec) in fp32 when
+        # params_dtype is bf16; mixed dtypes defeat the fused norm kernel. Megatron-LM casts the
+        # whole model (Float16Module) - so do we.
+        model.to(dtype)
     return model
