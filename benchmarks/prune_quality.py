@@ -57,9 +57,15 @@ def random_scores(src: str, dst: str, seed: int) -> None:
 
 
 def run(
-    work: str, tokenizer: str, steps: int, random_seeds: int, samples: int, aggs: list[str] = AGGS
+    work: str,
+    tokenizer: str,
+    steps: int,
+    random_seeds: int,
+    samples: int,
+    aggs: list[str] = AGGS,
+    seed: int = 1234,
 ) -> dict:
-    data = ["data.train=[demo:stdlib-code]", f"data.cache_dir={work}/data"]
+    data = ["data.train=[demo:stdlib-code]", f"data.cache_dir={work}/data", f"seed={seed}"]
     base = f"{work}/base"
     if not os.path.isdir(base):
         cli(
@@ -133,6 +139,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1234, help="pretraining/calibration seed")
     args = ap.parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="minitron_quality_")
     from minitron_mcore.testing.hf_models import make_tokenizer
@@ -140,7 +147,7 @@ def main() -> None:
     tok = os.path.join(work, "tokenizer")
     if not os.path.isdir(tok):
         make_tokenizer(tok)
-    res = run(work, tok, args.steps, args.random_seeds, args.samples)
+    res = run(work, tok, args.steps, args.random_seeds, args.samples, seed=args.seed)
     print(f"{'pruning (hidden 128->96, ffn 384->192, heads 8->4)':<52} valid loss")
     for k, v in res.items():
         mark = "  <- papers' choice" if k == "mean-l2" else ""
