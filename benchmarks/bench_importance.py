@@ -66,6 +66,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_import_hf as bih  # noqa: E402  (the sibling benchmark: model writer, measure())
+from bench_train import make_arch  # noqa: E402  (same Llama-shaped ModelArch from the flags)
 
 SEED = 1234
 
@@ -104,21 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(not 1 <= n < args.num_layers for n in args.blocks):
         p.error("--block-sizes entries must be in 1..num_layers-1")
     return args
-
-
-def make_arch(args):
-    from minitron_mcore.models.arch import ModelArch
-
-    return ModelArch(
-        family="llama",
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_heads,
-        num_query_groups=args.num_kv_heads,
-        vocab_size=args.vocab_size,
-        max_position_embeddings=max(2048, args.seq_len),
-    )
 
 
 def make_batches(args) -> list[list[dict]]:
