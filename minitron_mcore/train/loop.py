@@ -31,7 +31,7 @@ from minitron_mcore.train.state import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from minitron_mcore.train.step import lm_forward_step, train_step
+from minitron_mcore.train.step import lm_forward_step, run_schedule, train_step
 from minitron_mcore.utils.log import log0
 
 
@@ -77,20 +77,11 @@ def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) ->
     """Mean token loss over fixed validation batches (every rank of the last stage gets it;
     the value is broadcast so every rank returns the same number)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.eval()
     tot = torch.zeros(2, device=comm_device())
     for mbs in batches:
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(mbs),
-            model=model,
-            num_microbatches=len(mbs),
-            seq_length=seq_length,
-            micro_batch_size=mbs[0]["tokens"].shape[0],
-            forward_only=True,
-        )
+        losses = run_schedule(model, forward_step, mbs, seq_length, forward_only=True)
         if ps.is_pipeline_last_stage():
             tot += torch.stack([x["lm loss"] for x in losses]).sum(0).float()
     if ps.is_pipeline_last_stage():

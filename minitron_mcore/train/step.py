@@ -40,23 +40,31 @@ def reduce_lm_loss(losses: list[dict]) -> float:
     return (tot[0] / tot[1].clamp(min=1)).item()
 
 
-def train_step(model, optimizer, scheduler, forward_step, microbatches, seq_length: int):
-    """Forward/backward over ``microbatches`` (this DP rank's share of the global batch), then
-    one optimizer and scheduler step. Returns (loss, grad_norm, lr)."""
+def run_schedule(
+    model, forward_step, microbatches: list[dict], seq_length: int, forward_only: bool
+) -> list[dict]:
+    """Megatron's pipeline schedule over this rank's micro-batches; returns the per-micro-batch
+    loss reports (last pipeline stage; empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.train()
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
         model=model,
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=microbatches[0]["tokens"].shape[0],
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(model, optimizer, scheduler, forward_step, microbatches, seq_length: int):
+    """Forward/backward over ``microbatches`` (this DP rank's share of the global batch), then
+    one optimizer and scheduler step. Returns (loss, grad_norm, lr)."""
+    model.train()
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = run_schedule(model, forward_step, microbatches, seq_length, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     ok, grad_norm, _ = optimizer.step()
     if ok:
