@@ -1,13 +1,15 @@
-"""Pruning quality on a trained tiny model: activation-based importance (every aggregation)
+"""Pruning quality on a trained small model: activation-based importance (every aggregation)
 against random pruning to the same shape, by LM loss before any retraining.
 
-    python benchmarks/prune_quality.py                       # ~3 min on 2 CPU cores
-    python benchmarks/prune_quality.py --steps 400 --random-seeds 5
+    python benchmarks/prune_quality.py                         # default model, one seed
+    python benchmarks/prune_quality.py --seeds 1 2 3 --work-dir /tmp/pq
 
 Steps (all through the `minitron` CLI): pretrain a small Llama on demo:stdlib-code, estimate
-importance on calibration samples, prune the width with each of the six (sequence, batch)
-aggregations and with random scores, and evaluate every pruned model on held-out data.
-Prints a table and one final JSON line.
+importance on calibration samples of it, then for each pruning target (one axis at a time and
+all together) prune with each of the six (sequence, batch) aggregations and with random scores,
+and evaluate every pruned model on held-out data (demo:stdlib-docs). Prints one table per
+target, the rank of the papers' choice (sequence mean, batch L2) in each, and a final JSON line.
+With several seeds it also prints the mean loss per aggregation and its spread across seeds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,19 +25,40 @@ import tempfile
 import torch
 
 AGGS = [f"{s}-{b}" for s in ("mean", "l2") for b in ("mean", "l2", "var")]
-MODEL = [
-    "model=tiny-llama",
-    "model.hidden_size=128",
-    "model.ffn_hidden_size=384",
-    "model.num_attention_heads=8",
-    "model.num_query_groups=4",
-    "model.kv_channels=16",
-]
-TARGET = [
-    "prune.target.hidden_size=96",
-    "prune.target.ffn_hidden_size=192",
-    "prune.target.num_attention_heads=4",
-]
+PAPERS = "mean-l2"
+
+# name -> (model overrides, {target name: prune.target overrides})
+SIZES = {
+    # 0.6M parameters: quick, used by the test
+    "tiny": (
+        {
+            "hidden_size": 128,
+            "ffn_hidden_size": 384,
+            "num_attention_heads": 8,
+            "num_query_groups": 4,
+            "kv_channels": 16,
+            "num_layers": 4,
+        },
+        {"all": {"hidden_size": 96, "ffn_hidden_size": 192, "num_attention_heads": 4}},
+    ),
+    # 4.3M parameters
+    "small": (
+        {
+            "hidden_size": 256,
+            "ffn_hidden_size": 768,
+            "num_attention_heads": 8,
+            "num_query_groups": 4,
+            "kv_channels": 32,
+            "num_layers": 6,
+        },
+        {
+            "ffn": {"ffn_hidden_size": 384},
+            "heads": {"num_attention_heads": 4},
+            "hidden": {"hidden_size": 192},
+            "all": {"hidden_size": 192, "ffn_hidden_size": 384, "num_attention_heads": 4},
+        },
+    ),
+}
 
 
 def cli(*args: str) -> dict:
@@ -64,13 +88,22 @@ def run(
     samples: int,
     aggs: list[str] = AGGS,
     seed: int = 1234,
+    size: str = "tiny",
+    targets: list[str] | None = None,
+    eval_iters: int = 4,
+    log=lambda msg: None,
 ) -> dict:
+    """{target: {"unpruned"|agg|"random_mean"|"random_best": valid loss}} for one seed."""
+    model, all_targets = SIZES[size]
+    targets = targets or list(all_targets)
     data = ["data.train=[demo:stdlib-code]", f"data.cache_dir={work}/data", f"seed={seed}"]
     base = f"{work}/base"
     if not os.path.isdir(base):
+        log(f"pretrain {size} model, {steps} steps")
         cli(
             "pretrain",
-            *MODEL,
+            "model=tiny-llama",
+            *[f"model.{k}={v}" for k, v in model.items()],
             f"tokenizer={tokenizer}",
             f"save={base}",
             *data,
@@ -79,24 +112,21 @@ def run(
             "train.global_batch_size=16",
             "train.micro_batch_size=8",
             "train.lr=3e-3",
-            "train.warmup_steps=10",
+            f"train.warmup_steps={max(10, steps // 20)}",
             "train.eval_iters=0",
         )
     evaluate = [
         "data.valid=[demo:stdlib-docs]",
         f"data.cache_dir={work}/data",
         "seq_length=128",
-        "iters=4",
+        f"iters={eval_iters}",
         "global_batch_size=16",
         "micro_batch_size=8",
     ]
-    results = {
-        "unpruned": cli("evaluate", f"load={base}", f"save={work}/eval_base", *evaluate)[
-            "valid_loss"
-        ]
-    }
+    unpruned = cli("evaluate", f"load={base}", f"save={work}/eval_base", *evaluate)["valid_loss"]
     scores = f"{work}/scores"
     if not os.path.isdir(scores):
+        log(f"importance on {samples} calibration samples")
         cli(
             "importance",
             f"load={base}",
@@ -106,58 +136,121 @@ def run(
             "importance.seq_length=128",
             "importance.layer_loss_samples=0",
         )
+    for r in range(random_seeds):
+        if not os.path.isdir(f"{work}/random_scores_{r}"):
+            random_scores(scores, f"{work}/random_scores_{r}", r)
 
-    def pruned_loss(name: str, score_dir: str, agg: str | None) -> float:
-        out = f"{work}/pruned_{name}"
+    def pruned_loss(name: str, target: str, score_dir: str, agg: str | None) -> float:
+        out = f"{work}/pruned_{target}_{name}"
         extra = [f"prune.agg={agg}"] if agg else []
+        tgt = [f"prune.target.{k}={v}" for k, v in all_targets[target].items()]
         cli(
             "prune",
             f"load={base}",
             f"scores={score_dir}",
             f"save={out}",
-            *TARGET,
+            *tgt,
             *extra,
             "overwrite=true",
         )
-        return cli("evaluate", f"load={out}", f"save={out}.eval", *evaluate)["valid_loss"]
+        loss = cli("evaluate", f"load={out}", f"save={out}.eval", *evaluate)["valid_loss"]
+        log(f"  {target:<7} {name:<10} {loss:.4f}")
+        return loss
 
-    for agg in aggs:
-        results[agg] = pruned_loss(agg, scores, agg)
-    rand = []
-    for seed in range(random_seeds):
-        rs = f"{work}/random_scores_{seed}"
-        random_scores(scores, rs, seed)
-        rand.append(pruned_loss(f"random{seed}", rs, None))
-    results["random_mean"] = sum(rand) / len(rand)
-    results["random_best"] = min(rand)
+    results = {}
+    for target in targets:
+        res = {"unpruned": unpruned}
+        for agg in aggs:
+            res[agg] = pruned_loss(agg, target, scores, agg)
+        rand = [
+            pruned_loss(f"random{r}", target, f"{work}/random_scores_{r}", None)
+            for r in range(random_seeds)
+        ]
+        res["random_mean"] = sum(rand) / len(rand)
+        res["random_best"] = min(rand)
+        results[target] = res
     return results
+
+
+def rank_of(res: dict, agg: str = PAPERS) -> int:
+    return sorted(AGGS, key=lambda a: res[a]).index(agg) + 1
+
+
+def describe(size: str, target: str) -> str:
+    model, targets = SIZES[size]
+    return ", ".join(f"{k} {model[k]}->{v}" for k, v in targets[target].items())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work-dir", default="")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--work-dir", default="", help="reused if it exists (cached steps skipped)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--targets", nargs="*", default=None, help="subset of the size's targets")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=1024, help="calibration samples")
+    ap.add_argument("--eval-iters", type=int, default=16, help="x 16 x 128 held-out tokens")
     ap.add_argument("--random-seeds", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=1234, help="pretraining/calibration seed")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1234],
+        help="pretraining/calibration seeds; one model per seed",
+    )
     args = ap.parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="minitron_quality_")
+    os.makedirs(work, exist_ok=True)
     from minitron_mcore.testing.hf_models import make_tokenizer
 
     tok = os.path.join(work, "tokenizer")
     if not os.path.isdir(tok):
         make_tokenizer(tok)
-    res = run(work, tok, args.steps, args.random_seeds, args.samples, seed=args.seed)
-    print(f"{'pruning (hidden 128->96, ffn 384->192, heads 8->4)':<52} valid loss")
-    for k, v in res.items():
-        mark = "  <- papers' choice" if k == "mean-l2" else ""
-        print(f"{k:<52} {v:.4f}{mark}")
-    best = min(AGGS, key=lambda a: res[a])
+    per_seed = {}
+    for seed in args.seeds:
+        print(f"seed {seed}", file=sys.stderr, flush=True)
+        per_seed[seed] = run(
+            os.path.join(work, f"seed{seed}"),
+            tok,
+            args.steps,
+            args.random_seeds,
+            args.samples,
+            seed=seed,
+            size=args.size,
+            targets=args.targets,
+            eval_iters=args.eval_iters,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+    targets = list(per_seed[args.seeds[0]])
+    rows = ["unpruned", *AGGS, "random_mean", "random_best"]
+    for target in targets:
+        print(f"\n{args.size} model, {describe(args.size, target)}: valid loss")
+        print(
+            f"{'pruning':<14}"
+            + "".join(f"{'seed ' + str(s):>12}" for s in args.seeds)
+            + (f"{'mean':>10}{'sd':>8}" if len(args.seeds) > 1 else "")
+        )
+        for row in rows:
+            vals = [per_seed[s][target][row] for s in args.seeds]
+            line = f"{row:<14}" + "".join(f"{v:>12.4f}" for v in vals)
+            if len(vals) > 1:
+                line += f"{statistics.mean(vals):>10.4f}{statistics.stdev(vals):>8.4f}"
+            print(line + ("  <- papers' choice" if row == PAPERS else ""))
+        ranks = [rank_of(per_seed[s][target]) for s in args.seeds]
+        mean_loss = {a: statistics.mean(per_seed[s][target][a] for s in args.seeds) for a in AGGS}
+        order = sorted(AGGS, key=mean_loss.get)
+        print(
+            f"rank of the papers' choice per seed: {ranks}; by mean loss: "
+            f"{order.index(PAPERS) + 1} of {len(AGGS)} (best: {order[0]})"
+        )
     print(
-        f"best aggregation: {best}; papers' (seq mean, batch l2) rank: "
-        f"{sorted(AGGS, key=lambda a: res[a]).index('mean-l2') + 1} of {len(AGGS)}"
+        json.dumps(
+            {
+                "work_dir": work,
+                "size": args.size,
+                "results": {str(s): r for s, r in per_seed.items()},
+            }
+        )
     )
-    print(json.dumps({"work_dir": work, **res}))
 
 
 if __name__ == "__main__":

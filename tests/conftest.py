@@ -151,10 +151,8 @@ def read_log(path: str) -> list[dict]:
 
 
 def canonical_weights(ckpt):
-    """Every global tensor of a checkpoint, read back through dist_checkpointing."""
-    from minitron_mcore.checkpoint.megatron import load_canonical, read_meta, tensors_metadata
-    from minitron_mcore.models.build import resolve_dtype
-    from minitron_mcore.parallel import ParallelConfig, parallel_context
+    """Every global tensor of a checkpoint, read back from its files."""
+    from minitron_mcore.checkpoint.megatron import WeightsReader
 
-    with parallel_context(ParallelConfig()):
-        return load_canonical(ckpt, tensors_metadata(ckpt), resolve_dtype(read_meta(ckpt).dtype))
+    reader = WeightsReader(ckpt)
+    return reader.read(list(reader.shapes))

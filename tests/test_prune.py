@@ -300,3 +300,27 @@ def test_importance_user_metric(ckpts, corpora, tmp_path):
     assert set(user) == {"full", "0", "1", "2", "3"}
     # Skipping a layer changes the model's outputs, so the metric moves.
     assert all(user[str(i)] != user["full"] for i in range(4))
+
+
+def test_skipped_layer_equals_dropped_layer(ckpts, tokens, tmp_path):
+    """The layer-removal loss skips a layer by shadowing its forward (no compute): the logits
+    must equal those of the model `prune` writes with that layer dropped, and the model must
+    be itself again afterwards."""
+    from minitron_mcore.checkpoint.megatron import load_model
+    from minitron_mcore.importance.hooks import skip_layers
+    from minitron_mcore.models.forward import forward_logits
+    from minitron_mcore.parallel import ParallelConfig, parallel_context
+
+    out = str(tmp_path / "dropped")
+    minitron("prune", f"load={ckpts['llama']}", f"save={out}", "prune.drop_layers=[1]")
+    with parallel_context(ParallelConfig()):
+        model, meta = load_model(ckpts["llama"], use_te=False)
+        full = forward_logits(model, tokens, meta.arch)
+        with skip_layers(model, {1}):
+            skipped = forward_logits(model, tokens, meta.arch)
+        again = forward_logits(model, tokens, meta.arch)
+        dropped_model, dropped_meta = load_model(out, use_te=False)
+        dropped = forward_logits(dropped_model, tokens, dropped_meta.arch)
+    assert torch.equal(full, again)
+    assert (full - skipped).abs().max().item() > 1e-3
+    torch.testing.assert_close(skipped, dropped, rtol=0, atol=1e-5)

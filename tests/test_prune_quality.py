@@ -16,6 +16,8 @@ def test_activation_pruning_beats_random(tokenizer_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     from prune_quality import run
 
-    res = run(str(tmp_path), tokenizer_dir, steps=120, random_seeds=2, samples=32, aggs=["mean-l2"])
+    res = run(
+        str(tmp_path), tokenizer_dir, steps=120, random_seeds=2, samples=32, aggs=["mean-l2"]
+    )["all"]
     assert res["unpruned"] < res["mean-l2"], res  # pruning costs something ...
     assert res["mean-l2"] < res["random_best"] - 0.05, res  # ... activations cost clearly less

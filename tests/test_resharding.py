@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import megatron_logits, minitron
 
+from minitron_mcore.checkpoint.megatron import WeightsReader
+
 pytestmark = pytest.mark.multiproc
 
 
@@ -13,6 +15,15 @@ def test_tp2pp2_to_tp1pp1_and_back(hf_models, tokens_file, tmp_path):
     minitron(
         "import-hf", f"load={src}", f"save={ckpt22}", "parallel.tp=2", "parallel.pp=2", nproc=4
     )
+    # One layer read straight from the files (how prune and export-hf read) is exactly that
+    # layer of the global tensor, whatever chunks the TP=2 x PP=2 ranks wrote.
+    reader = WeightsReader(ckpt22)
+    full = reader.read(list(reader.shapes))
+    layer_keys = [k for k in reader.shapes if k.startswith("decoder.layers.")]
+    assert len(layer_keys) >= 6
+    for i in range(reader.shapes[layer_keys[0]][0]):
+        for k, v in reader.read(layer_keys, layer=i).items():
+            assert torch.equal(v, full[k][i]), (i, k)
     # TP2PP2 checkpoint -> loaded at TP1PP1 and re-saved from there.
     ckpt11 = str(tmp_path / "tp1pp1")
     l11 = megatron_logits(ckpt22, tokens_file, str(tmp_path / "a.st"), 1, 1, resave=ckpt11)

@@ -12,25 +12,22 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from minitron_mcore.checkpoint import hf_io, hf_mapping
 from minitron_mcore.checkpoint.megatron import (
     CheckpointMeta,
+    WeightsReader,
     atomic_swap,
     check_save_target,
     fill_model,
-    load_canonical,
     read_meta,
     save_checkpoint,
-    tensors_metadata,
     tokenizer_files_of,
 )
 from minitron_mcore.errors import require
 from minitron_mcore.models.arch import padded_vocab_size
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context, world_size
-from minitron_mcore.utils.log import emit_metrics, human_count, log0
+from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
 
 
 @dataclass
@@ -139,8 +136,7 @@ def export_hf(cfg: ExportHFConfig) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        with parallel_context(ParallelConfig()):  # dist_checkpointing reads need a group
-            nbytes = _write_hf_weights(cfg, meta, tensors_metadata(cfg.load), tmp, dtype)
+        nbytes = _write_hf_weights(cfg, meta, tmp, dtype)
         hf_io.write_hf_config(
             tmp,
             hf_mapping.hf_config_from_arch(arch, meta.hf_config, dtype_name),
@@ -164,22 +160,15 @@ def export_hf(cfg: ExportHFConfig) -> dict:
     return metrics
 
 
-def _write_hf_weights(
-    cfg: ExportHFConfig, meta: CheckpointMeta, shapes: dict, out_dir: str, dtype: torch.dtype
-) -> int:
-    """Convert key by key: peak memory is one stacked tensor (all layers of one key) plus one
-    output shard, not the whole model."""
-    arch, store_dtype = meta.arch, resolve_dtype(meta.dtype)
+def _write_hf_weights(cfg: ExportHFConfig, meta: CheckpointMeta, out_dir: str, dtype) -> int:
+    """Convert layer by layer: peak memory is one layer plus one output shard, not the model."""
+    arch = meta.arch
+    reader = WeightsReader(cfg.load)
     writer = hf_io.SafetensorsWriter(out_dir, int(cfg.max_shard_size_gb * 2**30))
-    glob_keys = {k: shapes[k] for k in hf_mapping.global_keys(arch)}
     writer.add(
-        hf_mapping.canonical_global_to_hf(load_canonical(cfg.load, glob_keys, store_dtype), arch),
-        dtype,
+        hf_mapping.canonical_global_to_hf(reader.read(hf_mapping.global_keys(arch)), arch), dtype
     )
-    for n, key in enumerate(hf_mapping.layer_keys(arch)):
-        stack = load_canonical(cfg.load, {key: shapes[key]}, store_dtype)[key]
-        for i in range(arch.num_layers):
-            writer.add(hf_mapping.canonical_layer_to_hf({key: stack[i]}, i, arch), dtype)
-        del stack
-        log0("export-hf: %d/%d tensor groups written", n + 1, len(hf_mapping.layer_keys(arch)))
+    keys = hf_mapping.layer_keys(arch)
+    for i in progress(range(arch.num_layers), desc="export-hf", unit="layer"):
+        writer.add(hf_mapping.canonical_layer_to_hf(reader.read(keys, layer=i), i, arch), dtype)
     return writer.finish()

@@ -20,12 +20,12 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import ModelArch
@@ -174,37 +174,6 @@ def copy_into_shards(shards: list, canon: dict[str, torch.Tensor]) -> None:
         sh.data.copy_(src)
 
 
-@torch.no_grad()
-def gather_shards(shards: list) -> dict[str, torch.Tensor]:
-    """The global (per-layer) tensors behind ``shards``, assembled from every TP rank.
-
-    Every TP rank of a stage holds the same list of ShardedTensors (same keys, same order, equal
-    local shapes), so one all-gather per shard brings all the pieces; replicated tensors are
-    simply written more than once."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
-    tp = ps.get_tensor_model_parallel_world_size()
-    out: dict[str, torch.Tensor] = {}
-    for sh in shards:
-        shape = sh.global_shape[sh.prepend_axis_num :]
-        buf = out.setdefault(sh.key, torch.empty(shape, dtype=sh.data.dtype))
-        local = sh.data.detach().contiguous()
-        offset = torch.tensor(
-            sh.global_offset[sh.prepend_axis_num :], dtype=torch.long, device=local.device
-        )
-        datas, offsets = [local], [offset]
-        if tp > 1:
-            datas = [torch.empty_like(local) for _ in range(tp)]
-            offsets = [torch.empty_like(offset) for _ in range(tp)]
-            dist.all_gather(datas, local, group=group)
-            dist.all_gather(offsets, offset, group=group)
-        for d, o in zip(datas, offsets):
-            idx = tuple(slice(int(a), int(a) + n) for a, n in zip(o, d.shape))
-            buf[idx].copy_(d)  # global buffers stay in host memory
-    return out
-
-
 def fill_model(
     model,
     layer_fn: LayerFn,
@@ -322,27 +291,93 @@ def load_model(path: str, dtype: Optional[torch.dtype] = None, use_te=None, **co
     return model, meta
 
 
-def tensors_metadata(path: str) -> dict[str, tuple]:
-    """Global shape of every tensor in a checkpoint (key -> shape), without reading data."""
-    from megatron.core import dist_checkpointing
+class _RegionPlanner:
+    """A torch DCP load planner that reads given regions of global tensors into given buffers.
 
-    with reading_checkpoint(os.path.join(path, WEIGHTS_DIR)):
-        md = dist_checkpointing.load_tensors_metadata(os.path.join(path, WEIGHTS_DIR))
-    return {k: tuple(v.global_shape) for k, v in md.items()}
+    Written here because neither Megatron's ``dist_checkpointing.load`` nor DCP's default planner
+    can read part of a global tensor: both go through torch ``ShardedTensor`` metadata, which
+    must cover the whole tensor. DCP's public planner interface does the rest (which chunks of
+    which files overlap the region, the reads, the copies)."""
+
+    def __init__(self, regions: dict[str, tuple[torch.Tensor, tuple]]):
+        self.regions = regions  # key -> (buffer, global offsets of the buffer)
+        self.metadata = None
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        items = []
+        for key, (buf, offsets) in self.regions.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
+            md = self.metadata.state_dict_metadata[key]
+            items += create_read_items_for_chunk_list(key, md, [chunk])
+        return LoadPlan(items)
+
+    def create_global_plan(self, plans):
+        return plans
+
+    def finish_plan(self, plan):
+        return plan
+
+    def load_bytes(self, read_item, value) -> None:
+        raise AssertionError("only tensors are planned")
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        buf = self.regions[read_item.dest_index.fqn][0]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            buf = buf.narrow(dim, start, length)
+        return buf
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass  # the storage reader copied into the view resolve_tensor returned
 
 
-def load_canonical(
-    path: str, shapes: dict[str, tuple], dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Read whole global tensors (key -> global shape) straight from a checkpoint, without
-    building a model.  Per-layer keys come back stacked as [num_layers, ...]."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+class WeightsReader:
+    """Reads whole global tensors, or one layer of the stacked per-layer tensors, straight from
+    a checkpoint's files: no model, no process group, any process, any saved TP/PP.
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    sd = {
-        key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=rank)
-        for key, shape in shapes.items()
-    }
-    with reading_checkpoint(os.path.join(path, WEIGHTS_DIR)):
-        return dist_checkpointing.load(sd, os.path.join(path, WEIGHTS_DIR))
+    ``read(keys, layer=i)`` holds one layer of those keys in memory, which is what lets
+    ``prune`` and ``export-hf`` stay near one model (or one layer) of memory."""
+
+    def __init__(self, path: str):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        check_checkpoint_dir(path)
+        self.path, self.dir = path, os.path.join(path, WEIGHTS_DIR)
+        with reading_checkpoint(self.dir):
+            self._storage = FileSystemReader(self.dir)
+            md = self._storage.read_metadata()
+        self._md = {
+            k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
+        self.shapes = {k: tuple(v.size) for k, v in self._md.items()}
+
+    def read(self, keys, layer: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """``{key: tensor}``; with ``layer``, per-layer keys give that layer's slice."""
+        from torch.distributed.checkpoint import load
+
+        regions = {}
+        for key in keys:
+            require(
+                key in self._md,
+                f"checkpoint {self.path} has no tensor {key}; it is incomplete or not the "
+                "model its minitron.json describes, re-create it",
+            )
+            shape, dtype = self.shapes[key], self._md[key].properties.dtype
+            if layer is None:
+                regions[key] = (torch.empty(shape, dtype=dtype), (0,) * len(shape))
+            else:
+                require(0 <= layer < shape[0], f"{key} has no layer {layer} in {self.path}")
+                buf = torch.empty((1, *shape[1:]), dtype=dtype)
+                regions[key] = (buf, (layer,) + (0,) * (len(shape) - 1))
+        with reading_checkpoint(self.dir), warnings.catch_warnings():
+            # no_dist: every process reads for itself; DCP warns when no group is initialized
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load({}, storage_reader=self._storage, planner=_RegionPlanner(regions), no_dist=True)
+        return {k: buf if layer is None else buf[0] for k, (buf, _) in regions.items()}

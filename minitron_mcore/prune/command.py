@@ -5,10 +5,11 @@
     minitron prune load=CKPT scores=SCORES save=PRUNED prune.target.num_layers=16
     torchrun --nproc-per-node 4 -m minitron_mcore prune ... parallel.tp=2 parallel.pp=2
 
-Layers are processed one at a time: the source layer is gathered from its TP shards (one global
-layer in memory), sliced by the pure functions of ``prune.slicing``, sent to the pipeline stage
-that owns it in the pruned model, copied into that model's shards, and its source copy is freed.
-Peak memory is about one copy of the model plus one layer. The plan (kept indices per axis,
+The source model is never built: each rank builds its shard of the pruned model only, and for
+each of its layers reads the kept source layer straight from the checkpoint files (one global
+layer in memory, whatever TP/PP the source was saved with), slices it with the pure functions of
+``prune.slicing`` and copies the slice into its shards. Peak memory is the pruned model's shard
+plus one source layer (plus what the final save copies). The plan (kept indices per axis,
 dropped layers, the old->new layer map, the scores' provenance) is stored in the checkpoint.
 """
 
@@ -20,13 +21,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from minitron_mcore.checkpoint import hf_mapping
 from minitron_mcore.checkpoint.megatron import (
+    WeightsReader,
     copy_into_shards,
-    gather_shards,
-    load_model,
     read_meta,
     save_checkpoint,
     shards_by_layer,
@@ -35,7 +34,7 @@ from minitron_mcore.checkpoint.megatron import (
 from minitron_mcore.errors import require
 from minitron_mcore.importance.scores import Scores
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
-from minitron_mcore.parallel import ParallelConfig, comm_device, parallel_context
+from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.prune.plan import PruneConfig, PrunePlan, make_plan
 from minitron_mcore.prune.slicing import prune_global, prune_layer
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
@@ -65,61 +64,27 @@ def _check_scores(scores: Scores, meta, path: str, load: str) -> None:
     )
 
 
-def _free(module) -> None:
-    for p in module.parameters():
-        p.data = torch.empty(0, dtype=p.dtype)
-
-
-def _transfer(tensors, shapes: dict, dtype, src_rank: int, dst_rank: int, me: int):
-    """Send a pruned layer between pipeline stages (same TP/DP coordinates)."""
-    if src_rank == dst_rank:
-        return tensors
-    device = comm_device()  # NCCL sends GPU tensors only
-    if me == src_rank:
-        for k in sorted(shapes):
-            dist.send(tensors[k].to(device).contiguous(), dst_rank)
-        return None
-    out = {}
-    for k in sorted(shapes):
-        out[k] = torch.empty(shapes[k], dtype=dtype, device=device)
-        dist.recv(out[k], src_rank)
-    return out
-
-
 @torch.no_grad()
-def apply_plan(src_model, dst_model, plan: PrunePlan, dtype) -> None:
-    """Move every kept, sliced layer from ``src_model`` into ``dst_model`` (collective)."""
-    from megatron.core import parallel_state as ps
-
-    pp = ps.get_pipeline_model_parallel_world_size()
-    stage = ps.get_pipeline_model_parallel_rank()
-    stage_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
-    src_shards, dst_shards = shards_by_layer(src_model), shards_by_layer(dst_model)
-    src_layers = {layer.layer_number - 1: layer for layer in src_model.decoder.layers}
-    per_src, per_dst = plan.src.num_layers // pp, plan.dst.num_layers // pp
-    shapes = hf_mapping.layer_shapes(plan.dst)
-    me = dist.get_rank()
-    for i in set(src_layers) - set(plan.kept_layers):  # dropped layers: free them up front
-        src_shards.pop(i, None)
-        _free(src_layers[i])
-    for j, i in enumerate(progress(plan.kept_layers, desc="prune", unit="layer")):
-        s_src, s_dst = i // per_src, j // per_dst
-        pruned = None
-        if stage == s_src:
-            canon = gather_shards(src_shards.pop(i))
-            pruned = prune_layer(
-                canon, plan.layers[j], plan.src.num_query_groups, plan.src.kv_channels, plan.hidden
-            )
-            del canon
-            _free(src_layers[i])
-        if stage in (s_src, s_dst):
-            pruned = _transfer(pruned, shapes, dtype, stage_ranks[s_src], stage_ranks[s_dst], me)
-        if stage == s_dst:
-            copy_into_shards(dst_shards[j], pruned)
-    if None in src_shards:  # embeddings / final norm / output layer live on this stage
-        canon = gather_shards(src_shards.pop(None))
-        _free(src_model)  # only the gathered copy is needed from here on
-        copy_into_shards(dst_shards[None], prune_global(canon, plan.hidden))
+def apply_plan(reader: WeightsReader, dst_model, plan: PrunePlan) -> None:
+    """Fill this rank's shards of the pruned model, one kept source layer at a time."""
+    dst_shards = shards_by_layer(dst_model)
+    src_keys = hf_mapping.layer_keys(plan.src)
+    mine = sorted(j for j in dst_shards if j is not None)  # this stage's layers of the new model
+    for j in progress(mine, desc="prune", unit="layer"):
+        canon = reader.read(src_keys, layer=plan.kept_layers[j])
+        pruned = prune_layer(
+            canon, plan.layers[j], plan.src.num_query_groups, plan.src.kv_channels, plan.hidden
+        )
+        del canon
+        copy_into_shards(dst_shards.pop(j), pruned)
+    rest = dst_shards.pop(None, [])  # embeddings / final norm / output layer of this stage
+    keys = hf_mapping.global_keys(plan.src)
+    extra = sorted({sh.key for sh in rest} - set(keys))
+    require(not extra, f"no pruning rule for {extra}; this model layout is not supported")
+    for key in keys:  # one at a time: the embedding and output layer are the largest tensors
+        shards = [sh for sh in rest if sh.key == key]
+        if shards:
+            copy_into_shards(shards, prune_global(reader.read([key]), plan.hidden))
 
 
 def prune(cfg: PruneCommandConfig) -> dict:
@@ -149,12 +114,9 @@ def prune(cfg: PruneCommandConfig) -> dict:
             human_count(plan.dst.num_params()),
             plan.kept_layers,
         )
-        src_model, _ = load_model(cfg.load, dtype, use_te=False, perform_initialization=False)
-        dst_model = build_model_for_stage(
-            plan.dst, dtype, use_te=False, perform_initialization=False
-        )
-        apply_plan(src_model, dst_model, plan, dtype)
-        del src_model
+        reader = WeightsReader(cfg.load)
+        dst_model = build_model_for_stage(plan.dst, dtype, perform_initialization=False)
+        apply_plan(reader, dst_model, plan)
         record = dict(
             plan.to_dict(),
             scores=cfg.scores and os.path.abspath(cfg.scores),
