@@ -142,6 +142,10 @@ def run(
 
     def pruned_loss(name: str, target: str, score_dir: str, agg: str | None) -> float:
         out = f"{work}/pruned_{target}_{name}"
+        done = f"{out}.eval/metrics.json"
+        if os.path.isfile(done):  # measured by an earlier run on the same work dir
+            with open(done) as f:
+                return json.load(f)["valid_loss"]
         extra = [f"prune.agg={agg}"] if agg else []
         tgt = [f"prune.target.{k}={v}" for k, v in all_targets[target].items()]
         cli(
@@ -183,7 +187,12 @@ def describe(size: str, target: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work-dir", default="", help="reused if it exists (cached steps skipped)")
+    ap.add_argument(
+        "--work-dir",
+        default="",
+        help="reused if it exists: finished steps are skipped (use a new one after changing "
+        "--steps, --samples or --eval-iters)",
+    )
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--targets", nargs="*", default=None, help="subset of the size's targets")
     ap.add_argument("--steps", type=int, default=1000)

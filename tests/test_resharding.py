@@ -35,3 +35,17 @@ def test_tp2pp2_to_tp1pp1_and_back(hf_models, tokens_file, tmp_path):
     assert torch.equal(l11, l11b)
     # A different layout only reorders floating-point reductions.
     assert (l22 - l11).abs().max().item() <= 1e-5
+
+
+def test_weights_reader_errors(llama_ckpt, tmp_path):
+    """Asking for a tensor or layer the checkpoint does not have names the problem."""
+    from minitron_mcore.errors import MinitronError
+
+    reader = WeightsReader(llama_ckpt)
+    with pytest.raises(MinitronError, match="has no tensor decoder.layers.nope"):
+        reader.read(["decoder.layers.nope"], layer=0)
+    layers = reader.shapes["decoder.layers.mlp.linear_fc2.weight"][0]
+    with pytest.raises(MinitronError, match=f"has no layer {layers}"):
+        reader.read(["decoder.layers.mlp.linear_fc2.weight"], layer=layers)
+    with pytest.raises(MinitronError, match="does not exist"):
+        WeightsReader(str(tmp_path / "missing"))
