@@ -22,7 +22,8 @@ What it does:
    (c) ``layer loss`` (unless ``--layer-loss-samples 0``): ``importance.command._layer_losses``
        on the first ``--layer-loss-samples`` samples with ``--block-sizes``, reported as a
        multiple of one plain pass over those same samples (timed alongside), next to the number
-       of passes it makes: 1 + sum over block sizes n of (L - n + 1).
+       of passes it makes: 1 + sum over block sizes n of (L - n + 1); once restarting each pass
+       from cached layer inputs (the default) and once as full passes (cache off).
 
    The overhead ratio is (b) / (a).  Because whole passes taken one after the other drift with
    the machine's load, each repeat also runs a ``paired`` pass: every micro-batch once plain and
@@ -218,9 +219,9 @@ def run_in_process(args) -> dict:
                 "batch_ratios": ratios,
             }
 
-        def layer_loss():
+        def layer_loss(cache_gb: float):
             t0, c0 = now(), cpu()
-            out, _ = _layer_losses(model, fwd, ll_batches, seq, L, args.blocks, None)
+            out, _ = _layer_losses(model, fwd, ll_batches, seq, arch, args.blocks, None, cache_gb)
             return {
                 "total_s": now() - t0,
                 "cpu_s": cpu() - c0,
@@ -230,7 +231,8 @@ def run_in_process(args) -> dict:
         print("warm-up ...", flush=True)
         plain()
         hooked()
-        runs = {"plain": [], "importance": [], "paired": [], "plain_ll": [], "layer_loss": []}
+        runs = {k: [] for k in ("plain", "importance", "paired", "plain_ll", "layer_loss")}
+        runs["layer_loss_full"] = []
         for r in range(args.repeats):
             print(f"[{r + 1}/{args.repeats}] plain, importance, paired ...", flush=True)
             runs["plain"].append(plain())
@@ -239,7 +241,8 @@ def run_in_process(args) -> dict:
             if ll_batches:
                 print(f"[{r + 1}/{args.repeats}] layer loss ({passes} passes) ...", flush=True)
                 runs["plain_ll"].append(plain(ll_batches))
-                runs["layer_loss"].append(layer_loss())
+                runs["layer_loss"].append(layer_loss(64.0))  # from cached layer inputs
+                runs["layer_loss_full"].append(layer_loss(0.0))  # full passes
     return {
         "arch": arch.to_dict(),
         "params": params,
@@ -412,7 +415,14 @@ def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
             f"{inproc['passes']} passes -> {mult / inproc['passes']:.3f} x plain per pass "
             f"(process CPU time: {cpu_mult:.2f} x, {cpu_mult / inproc['passes']:.3f} per pass)"
         )
+        full = med(runs["layer_loss_full"], "total_s")
+        print(
+            f"    the same as full passes (importance.layer_cache_gb=0): {full:.3f} s = "
+            f"{full / ll_plain:.2f} x plain; cached / full = {ll / full:.3f}"
+        )
         result.update(
+            layer_loss_full_s=full,
+            layer_loss_cached_over_full=ll / full,
             layer_loss_s=ll,
             layer_loss_plain_s=ll_plain,
             layer_loss_multiple=mult,

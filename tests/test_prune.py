@@ -324,3 +324,31 @@ def test_skipped_layer_equals_dropped_layer(ckpts, tokens, tmp_path):
     assert torch.equal(full, again)
     assert (full - skipped).abs().max().item() > 1e-3
     torch.testing.assert_close(skipped, dropped, rtol=0, atol=1e-5)
+
+
+def test_layer_losses_from_cached_inputs_equal_full_passes(ckpts, corpora, tmp_path):
+    """Restarting the layer-removal passes from cached layer inputs gives the losses of full
+    passes with the block skipped (importance.layer_cache_gb=0 turns the cache off)."""
+    runs = {}
+    for name, gb in (("cached", 8), ("full", 0)):
+        out = str(tmp_path / name)
+        minitron(
+            "importance",
+            f"load={ckpts['qwen2']}",
+            f"save={out}",
+            f"data.train=[{corpora['stdlib-code']}]",
+            f"data.cache_dir={tmp_path}/cache",
+            "importance.num_samples=4",
+            "importance.seq_length=32",
+            "importance.micro_batch_size=2",
+            "importance.layer_loss_samples=4",
+            "importance.block_sizes=[1,2,3]",
+            f"importance.layer_cache_gb={gb}",
+        )
+        runs[name] = Scores.load(out).tensors
+    for n in (1, 2, 3):
+        key = f"layer_loss.block{n}"
+        torch.testing.assert_close(runs["cached"][key], runs["full"][key], rtol=1e-5, atol=1e-6)
+        # removing different blocks gives different losses, none the full model's
+        assert runs["full"][key].unique().numel() == runs["full"][key].numel()
+        assert (runs["full"][key] - runs["full"]["base_loss"]).abs().min() > 1e-4

@@ -12,6 +12,7 @@ Optimizer's Minitron pruning require TP = 1.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -27,7 +28,7 @@ from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.importance.aggregate import BATCH_AGGS, SEQ_AGGS, all_scores
-from minitron_mcore.importance.hooks import ActivationCollector, skip_layers
+from minitron_mcore.importance.hooks import ActivationCollector, LayerInputCache, skip_layers
 from minitron_mcore.importance.scores import Scores
 from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.stages.common import check_tokenizer_vocab
@@ -53,6 +54,10 @@ class ImportanceConfig:
     """Samples for the LM-loss-without-layer(s) metric (one pass per candidate); 0 = skip."""
     block_sizes: list = field(default_factory=lambda: [1])
     """Contiguous block sizes whose removal loss is measured (depth pruning picks a block)."""
+    layer_cache_gb: float = 8.0
+    """Memory (GiB, per rank) the layer-removal passes may use to keep every layer's input for
+    the ``layer_loss_samples``, so each pass restarts at the removed block instead of at the
+    first layer (about half the compute). Used at pipeline size 1 when the inputs fit; 0 = off."""
     layer_metric: str = ""
     """Optional user metric ``module:function``; called as fn(model) -> float with each single
     layer skipped, higher = better model (e.g. a task accuracy)."""
@@ -125,13 +130,37 @@ def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int) -
     return merged
 
 
-def _layer_losses(model, fwd, batches, seq, num_layers, block_sizes, metric_fn):
-    out = {"base_loss": torch.tensor(evaluate(model, fwd, batches, seq))}
+def _layer_losses(model, fwd, batches, seq, arch, block_sizes, metric_fn, cache_gb):
+    from megatron.core import parallel_state as ps
+
+    num_layers = arch.num_layers
     for n in block_sizes:
         require(1 <= n < num_layers, f"importance.block_sizes entry {n} must be in 1..L-1")
+    # Restarting each pass from cached layer inputs halves the cost; it needs the whole model
+    # on one stage and the inputs of every layer for every sample in memory.
+    micro = sum(len(b) for b in batches)
+    mbs = batches[0][0]["tokens"].shape[0]
+    elem = next(model.parameters()).element_size()
+    need = micro * num_layers * mbs * seq * arch.hidden_size * elem
+    cache = None
+    if ps.get_pipeline_model_parallel_world_size() == 1 and need <= cache_gb * 2**30:
+        cache = LayerInputCache(model)
+    passes = sum(num_layers - n + 1 for n in block_sizes)
+    log0(
+        "layer-removal loss: %d passes over %d micro-batches, %s",
+        passes,
+        micro,
+        f"restarting at the removed block from cached layer inputs ({need / 2**30:.2f} GiB)"
+        if cache
+        else "full passes (pipeline size > 1 or importance.layer_cache_gb too small)",
+    )
+    with cache.capture() if cache else contextlib.nullcontext():
+        out = {"base_loss": torch.tensor(evaluate(model, fwd, batches, seq))}
+    for n in block_sizes:
         losses = []
         for i in progress(range(num_layers - n + 1), desc=f"loss w/o block of {n}"):
-            with skip_layers(model, set(range(i, i + n))):
+            block = cache.without(i, n) if cache else skip_layers(model, set(range(i, i + n)))
+            with block:
                 losses.append(evaluate(model, fwd, batches, seq))
         out[f"layer_loss.block{n}"] = torch.tensor(losses)
     user = {}
@@ -207,9 +236,10 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
                 fwd,
                 layer_batches,
                 seq,
-                arch.num_layers,
+                arch,
                 [int(b) for b in icfg.block_sizes],
                 metric_fn,
+                icfg.layer_cache_gb,
             )
             tensors.update(losses)
         info = {

@@ -74,11 +74,19 @@ def skip_layers(model, layers: set[int]):
     """Run ``model`` with the given global layers replaced by the identity (their output is
     their input), to measure the LM loss without them. The layers' ``forward`` is shadowed for
     the duration, so a skipped layer costs nothing; the model is restored on exit."""
+    with skip_layers_of(model.decoder.layers, layers):
+        yield
+
+
+@contextlib.contextmanager
+def skip_layers_of(layers, numbers: set[int] | None):
+    """Shadow ``forward`` of the given layers (all of them if ``numbers`` is None, else those
+    whose global index is in ``numbers``) with the identity."""
 
     def identity(*args, **kwargs):
         return _hidden_in(args, kwargs), kwargs.get("context")
 
-    skipped = [layer for layer in model.decoder.layers if layer.layer_number - 1 in layers]
+    skipped = [layer for layer in layers if numbers is None or layer.layer_number - 1 in numbers]
     for layer in skipped:
         layer.forward = identity  # instance attribute: nn.Module.__call__ calls self.forward
     try:
@@ -86,3 +94,59 @@ def skip_layers(model, layers: set[int]):
     finally:
         for layer in skipped:
             del layer.forward
+
+
+class LayerInputCache:
+    """Layer-removal passes that restart from cached layer inputs (one pipeline stage only).
+
+    ``capture()``: while active, every layer's input hidden states are kept, per micro-batch, in
+    the order the forward passes run. ``without(start, n)``: while active, the model computes as
+    if layers ``start .. start+n-1`` were removed, but the layers before ``start`` are not run
+    again: the first layer returns the cached input of layer ``start`` (= what the removed block
+    would have received), every other layer up to the block's end is the identity. Each pass then
+    costs L - start - n layers instead of L - n; over all blocks that is about half.
+    The runs replayed must use the same micro-batches, in the same order, as the capture."""
+
+    def __init__(self, model):
+        self.layers = sorted(model.decoder.layers, key=lambda layer: layer.layer_number)
+        self.inputs: list[list[torch.Tensor]] = []  # [micro-batch][layer]
+        self.nbytes = 0
+
+    @contextlib.contextmanager
+    def capture(self):
+        self.inputs, self.nbytes = [], 0
+
+        def keep(mod, args, kwargs, i):
+            x = _hidden_in(args, kwargs).detach().clone()
+            if i == 0:
+                self.inputs.append([])
+            self.inputs[-1].append(x)
+            self.nbytes += x.numel() * x.element_size()
+
+        handles = [
+            layer.register_forward_pre_hook(lambda m, a, k, i=i: keep(m, a, k, i), with_kwargs=True)
+            for i, layer in enumerate(self.layers)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def without(self, start: int, n: int):
+        if start == 0:  # nothing before the block: plain skipping
+            with skip_layers_of(self.layers, set(range(n))):
+                yield
+            return
+        micro = iter(self.inputs)
+
+        def restart(*args, **kwargs):
+            return next(micro)[start], kwargs.get("context")
+
+        with skip_layers_of(self.layers[1 : start + n], None):
+            self.layers[0].forward = restart
+            try:
+                yield
+            finally:
+                del self.layers[0].forward
