@@ -11,7 +11,7 @@ rm -rf "$RUN" && mkdir -p "$RUN"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python "$HERE/make_tiny_hf.py" --family llama --out "$RUN/hf"
-torchrun --nproc-per-node 2 -m minitron_mcore import-hf load="$RUN/hf" save="$RUN/ckpt" parallel.tp=2
+torchrun --standalone --nproc-per-node 2 -m minitron_mcore import-hf load="$RUN/hf" save="$RUN/ckpt" parallel.tp=2
 minitron export-hf load="$RUN/ckpt" save="$RUN/hf-export"
 python "$HERE/check_logits.py" "$RUN/hf" "$RUN/hf-export"
 echo "quickstart: ok - outputs in $RUN"

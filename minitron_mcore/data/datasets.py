@@ -53,9 +53,14 @@ def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
     """Tokenize a text/JSONL file (or demo corpus) once per tokenizer into the cache."""
     from minitron_mcore.data.demo import write_demo
     from minitron_mcore.data.preprocess import iter_documents, write_indexed
+    from minitron_mcore.parallel import barrier, is_rank0
 
     if source.startswith("demo:"):
-        source = write_demo(source[5:], os.path.join(cfg.cache_dir, "demo"))
+        demo_dir = os.path.join(cfg.cache_dir, "demo")
+        if is_rank0():  # one writer; the others read the finished file after the barrier
+            write_demo(source[5:], demo_dir)
+        barrier()
+        source = write_demo(source[5:], demo_dir)
     stat = os.stat(source)
     key = hashlib.sha256(
         f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{cfg.json_key}|"
@@ -65,8 +70,6 @@ def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
     prefix = os.path.join(cfg.cache_dir, f"{name}-{key}-{tok.fingerprint()}")
     if _is_prefix(prefix):
         return prefix
-    from minitron_mcore.parallel import barrier, is_rank0
-
     if is_rank0():
         log0("tokenizing %s -> %s", source, prefix)
         docs = iter_documents([source], cfg.json_key, cfg.text_mode)
