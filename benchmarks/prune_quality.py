@@ -3,6 +3,10 @@ against random pruning to the same shape, by LM loss before any retraining.
 
     python benchmarks/prune_quality.py                         # default model, one seed
     python benchmarks/prune_quality.py --seeds 1 2 3 --work-dir /tmp/pq
+    # your own model and data, on a GPU node:
+    python benchmarks/prune_quality.py --hf-model /models/Llama-3.1-8B --nproc 8 --tp 8 \
+        --target hidden_size=3072 ffn_hidden_size=9216 --train-data my.jsonl \
+        --valid-data my_valid.jsonl --seq-length 4096 --samples 1024
 
 Steps (all through the `minitron` CLI): pretrain a small Llama on demo:stdlib-code, estimate
 importance on calibration samples of it, then for each pruning target (one axis at a time and
@@ -10,6 +14,8 @@ all together) prune with each of the six (sequence, batch) aggregations and with
 and evaluate every pruned model on held-out data (demo:stdlib-docs). Prints one table per
 target, the rank of the papers' choice (sequence mean, batch L2) in each, and a final JSON line.
 With several seeds it also prints the mean loss per aggregation and its spread across seeds.
+With ``--hf-model`` the model is imported instead of pretrained and ``--target`` is the only
+target.
 """
 
 from __future__ import annotations
@@ -61,10 +67,14 @@ SIZES = {
 }
 
 
+LAUNCH: list[str] = []  # e.g. torchrun --standalone --nproc-per-node 8 (set by --nproc)
+PARALLEL: list[str] = []  # e.g. parallel.tp=8 (set by --tp)
+
+
 def cli(*args: str) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-m", "minitron_mcore", *args], capture_output=True, text=True
-    )
+    cmd = [*LAUNCH, "-m", "minitron_mcore"] if LAUNCH else [sys.executable, "-m", "minitron_mcore"]
+    extra = PARALLEL if args[0] in ("import-hf", "importance", "prune", "evaluate") else []
+    r = subprocess.run([*cmd, *args, *extra], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"minitron {args[0]} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -92,13 +102,26 @@ def run(
     targets: list[str] | None = None,
     eval_iters: int = 4,
     log=lambda msg: None,
+    hf_model: str = "",
+    custom_target: dict | None = None,
+    train_data: str = "demo:stdlib-code",
+    valid_data: str = "demo:stdlib-docs",
+    seq_length: int = 128,
 ) -> dict:
-    """{target: {"unpruned"|agg|"random_mean"|"random_best": valid loss}} for one seed."""
+    """{target: {"unpruned"|agg|"random_mean"|"random_best": valid loss}} for one seed.
+
+    With ``hf_model``, that Hugging Face model is imported instead of pretraining one, and
+    ``custom_target`` (prune.target fields) is the only target."""
     model, all_targets = SIZES[size]
+    if hf_model:
+        all_targets = {"custom": custom_target}
     targets = targets or list(all_targets)
-    data = ["data.train=[demo:stdlib-code]", f"data.cache_dir={work}/data", f"seed={seed}"]
+    data = [f"data.train=[{train_data}]", f"data.cache_dir={work}/data", f"seed={seed}"]
     base = f"{work}/base"
-    if not os.path.isdir(base):
+    if not os.path.isdir(base) and hf_model:
+        log(f"import-hf {hf_model}")
+        cli("import-hf", f"load={hf_model}", f"save={base}")
+    elif not os.path.isdir(base):
         log(f"pretrain {size} model, {steps} steps")
         cli(
             "pretrain",
@@ -108,7 +131,7 @@ def run(
             f"save={base}",
             *data,
             f"train.steps={steps}",
-            "train.seq_length=128",
+            f"train.seq_length={seq_length}",
             "train.global_batch_size=16",
             "train.micro_batch_size=8",
             "train.lr=3e-3",
@@ -116,9 +139,9 @@ def run(
             "train.eval_iters=0",
         )
     evaluate = [
-        "data.valid=[demo:stdlib-docs]",
+        f"data.valid=[{valid_data}]",
         f"data.cache_dir={work}/data",
-        "seq_length=128",
+        f"seq_length={seq_length}",
         f"iters={eval_iters}",
         "global_batch_size=16",
         "micro_batch_size=8",
@@ -133,7 +156,7 @@ def run(
             f"save={scores}",
             *data,
             f"importance.num_samples={samples}",
-            "importance.seq_length=128",
+            f"importance.seq_length={seq_length}",
             "importance.layer_loss_samples=0",
         )
     for r in range(random_seeds):
@@ -180,9 +203,11 @@ def rank_of(res: dict, agg: str = PAPERS) -> int:
     return sorted(AGGS, key=lambda a: res[a]).index(agg) + 1
 
 
-def describe(size: str, target: str) -> str:
+def describe(size: str, target: str, custom: dict | None = None) -> str:
+    if custom:
+        return "model from --hf-model, " + ", ".join(f"{k} -> {v}" for k, v in custom.items())
     model, targets = SIZES[size]
-    return ", ".join(f"{k} {model[k]}->{v}" for k, v in targets[target].items())
+    return f"{size} model, " + ", ".join(f"{k} {model[k]}->{v}" for k, v in targets[target].items())
 
 
 def main() -> None:
@@ -197,7 +222,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", default=None, help="subset of the size's targets")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=1024, help="calibration samples")
-    ap.add_argument("--eval-iters", type=int, default=16, help="x 16 x 128 held-out tokens")
+    ap.add_argument("--eval-iters", type=int, default=16, help="x 16 sequences held out")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument(
         "--seeds",
@@ -206,7 +231,27 @@ def main() -> None:
         default=[1234],
         help="pretraining/calibration seeds; one model per seed",
     )
+    ap.add_argument("--hf-model", default="", help="import this HF model instead of pretraining")
+    ap.add_argument(
+        "--target",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="with --hf-model: the prune target, e.g. hidden_size=1536 ffn_hidden_size=6144",
+    )
+    ap.add_argument("--train-data", default="demo:stdlib-code", help="pretraining/calibration")
+    ap.add_argument("--valid-data", default="demo:stdlib-docs", help="held-out evaluation")
+    ap.add_argument("--seq-length", type=int, default=128)
+    ap.add_argument("--nproc", type=int, default=1, help="processes per command (torchrun)")
+    ap.add_argument("--tp", type=int, default=1, help="parallel.tp for every command")
     args = ap.parse_args()
+    if args.hf_model and not args.target:
+        ap.error("--hf-model needs --target FIELD=VALUE ...")
+    custom = dict(t.split("=", 1) for t in args.target) or None
+    if args.nproc > 1:
+        LAUNCH[:] = ["torchrun", "--standalone", f"--nproc-per-node={args.nproc}"]
+    if args.tp > 1:
+        PARALLEL[:] = [f"parallel.tp={args.tp}"]
     work = args.work_dir or tempfile.mkdtemp(prefix="minitron_quality_")
     os.makedirs(work, exist_ok=True)
     from minitron_mcore.testing.hf_models import make_tokenizer
@@ -228,11 +273,16 @@ def main() -> None:
             targets=args.targets,
             eval_iters=args.eval_iters,
             log=lambda m: print(m, file=sys.stderr, flush=True),
+            hf_model=args.hf_model,
+            custom_target=custom,
+            train_data=args.train_data,
+            valid_data=args.valid_data,
+            seq_length=args.seq_length,
         )
     targets = list(per_seed[args.seeds[0]])
     rows = ["unpruned", *AGGS, "random_mean", "random_best"]
     for target in targets:
-        print(f"\n{args.size} model, {describe(args.size, target)}: valid loss")
+        print(f"\n{describe(args.size, target, custom)}: valid loss")
         print(
             f"{'pruning':<14}"
             + "".join(f"{'seed ' + str(s):>12}" for s in args.seeds)
