@@ -55,9 +55,10 @@ class ImportanceConfig:
     block_sizes: list = field(default_factory=lambda: [1])
     """Contiguous block sizes whose removal loss is measured (depth pruning picks a block)."""
     layer_cache_gb: float = 8.0
-    """Memory (GiB, per rank) the layer-removal passes may use to keep every layer's input for
-    the ``layer_loss_samples``, so each pass restarts at the removed block instead of at the
-    first layer (about half the compute). Used at pipeline size 1 when the inputs fit; 0 = off."""
+    """Memory (GiB per rank, on the model's device) the layer-removal passes may use to keep
+    every layer's input for the ``layer_loss_samples``, so each pass restarts at the removed
+    block instead of at the first layer (about half the compute). Used at pipeline size 1 when
+    the inputs fit; 0 = off."""
     layer_metric: str = ""
     """Optional user metric ``module:function``; called as fn(model) -> float with each single
     layer skipped, higher = better model (e.g. a task accuracy)."""
