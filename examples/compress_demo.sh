@@ -14,13 +14,18 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN=${1:-runs/demo}
-rm -rf "$RUN" && mkdir -p "$RUN"
+if [ -n "$(ls -A "$RUN" 2>/dev/null)" ] && [ ! -f "$RUN/.compress_demo" ]; then
+  echo "error: $RUN is not empty and was not made by this script; pass a new directory" >&2
+  exit 2
+fi
+rm -rf "$RUN" && mkdir -p "$RUN" && touch "$RUN/.compress_demo"  # re-runs replace only our own output
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DATA="data.cache_dir=$RUN/data"
 TP2=(torchrun --standalone --nproc-per-node 2 -m minitron_mcore)
 
 echo "== 1. a small model to compress (pretrained here; normally your HF model)"
-python -c "from minitron_mcore.testing.hf_models import make_tokenizer; make_tokenizer('$RUN/tokenizer')"
+python -c "import sys; from minitron_mcore.testing.hf_models import make_tokenizer as m; m(sys.argv[1])" \
+  "$RUN/tokenizer"
 minitron pretrain model=tiny-llama model.hidden_size=128 model.ffn_hidden_size=384 \
   model.num_attention_heads=8 model.num_query_groups=4 model.kv_channels=16 \
   tokenizer="$RUN/tokenizer" save="$RUN/base" "$DATA" data.train=[demo:stdlib-code] \

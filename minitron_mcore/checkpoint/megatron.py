@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -315,7 +316,14 @@ class _RegionPlanner:
         for key, (buf, offsets) in self.regions.items():
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
             md = self.metadata.state_dict_metadata[key]
-            items += create_read_items_for_chunk_list(key, md, [chunk])
+            reads = create_read_items_for_chunk_list(key, md, [chunk])
+            covered = sum(math.prod(r.lengths) for r in reads)
+            require(
+                covered == buf.numel(),
+                f"the checkpoint's saved pieces of {key} cover {covered} of the {buf.numel()} "
+                "values requested; it is incomplete, re-create it",
+            )
+            items += reads
         return LoadPlan(items)
 
     def create_global_plan(self, plans):

@@ -68,9 +68,9 @@ def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
     ).hexdigest()[:10]
     name = os.path.splitext(os.path.basename(source))[0]
     prefix = os.path.join(cfg.cache_dir, f"{name}-{key}-{tok.fingerprint()}")
-    if _is_prefix(prefix):
-        return prefix
-    if is_rank0():
+    # Rank 0 alone decides and writes; every rank reaches the barrier (a rank that saw the
+    # finished files early and returned would leave the others waiting forever).
+    if is_rank0() and not _is_prefix(prefix):
         log0("tokenizing %s -> %s", source, prefix)
         docs = iter_documents([source], cfg.json_key, cfg.text_mode)
         write_indexed(docs, tok.path, prefix, cfg.preprocess_workers)

@@ -49,7 +49,7 @@ def write_demo(name: str, out_dir: str, max_docs: int | None = None) -> str:
     if os.path.isfile(path):
         return path
     os.makedirs(out_dir, exist_ok=True)
-    tmp, n = f"{path}.{os.getpid()}.partial", 0  # per process: concurrent jobs never collide
+    tmp, n = f"{path}.{os.getpid()}.partial", 0  # per process: writers never share a file
     with open(tmp, "w", encoding="utf-8") as out:
         for f in _stdlib_files():
             with open(f, encoding="utf-8", errors="replace") as src:

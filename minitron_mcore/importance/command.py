@@ -141,10 +141,13 @@ def _layer_losses(model, fwd, batches, seq, arch, block_sizes, metric_fn, cache_
     # on one stage and the inputs of every layer for every sample in memory.
     micro = sum(len(b) for b in batches)
     mbs = batches[0][0]["tokens"].shape[0]
-    elem = next(model.parameters()).element_size()
-    need = micro * num_layers * mbs * seq * arch.hidden_size * elem
+    param = next(model.parameters())
+    need = micro * (num_layers - 1) * mbs * seq * arch.hidden_size * param.element_size()
+    budget = cache_gb * 2**30
+    if param.device.type == "cuda":  # leave room for the passes themselves
+        budget = min(budget, torch.cuda.mem_get_info(param.device)[0] - 2 * 2**30)
     cache = None
-    if ps.get_pipeline_model_parallel_world_size() == 1 and need <= cache_gb * 2**30:
+    if ps.get_pipeline_model_parallel_world_size() == 1 and need <= budget:
         cache = LayerInputCache(model)
     passes = sum(num_layers - n + 1 for n in block_sizes)
     log0(
@@ -164,6 +167,7 @@ def _layer_losses(model, fwd, batches, seq, arch, block_sizes, metric_fn, cache_
             with block:
                 losses.append(evaluate(model, fwd, batches, seq))
         out[f"layer_loss.block{n}"] = torch.tensor(losses)
+    del cache  # free the cached inputs before any user metric runs
     user = {}
     if metric_fn is not None:
         user["full"] = float(metric_fn(model))

@@ -117,9 +117,10 @@ class LayerInputCache:
         self.inputs, self.nbytes = [], 0
 
         def keep(mod, args, kwargs, i):
+            if i == 0:  # a new micro-batch; the first layer's input is never replayed
+                self.inputs.append([None])
+                return
             x = _hidden_in(args, kwargs).detach().clone()
-            if i == 0:
-                self.inputs.append([])
             self.inputs[-1].append(x)
             self.nbytes += x.numel() * x.element_size()
 

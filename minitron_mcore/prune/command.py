@@ -100,11 +100,10 @@ def prune(cfg: PruneCommandConfig) -> dict:
         scores = Scores.load(cfg.scores)
         _check_scores(scores, meta, cfg.scores, cfg.load)
     plan = make_plan(meta.arch, cfg.prune, scores)
-    for arch, what in ((meta.arch, "source"), (plan.dst, "pruned")):
-        try:
-            arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
-        except Exception as e:
-            raise type(e)(f"{e} (the {what} model)") from e
+    try:  # only the pruned model is built; the source is read layer by layer at any layout
+        plan.dst.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    except Exception as e:
+        raise type(e)(f"{e} (the pruned model)") from e
     dtype = resolve_dtype(meta.dtype)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(
