@@ -14,11 +14,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN=${1:-runs/demo}
-if [ -n "$(ls -A "$RUN" 2>/dev/null)" ] && [ ! -f "$RUN/.compress_demo" ]; then
-  echo "error: $RUN is not empty and was not made by this script; pass a new directory" >&2
-  exit 2
-fi
-rm -rf "$RUN" && mkdir -p "$RUN" && touch "$RUN/.compress_demo"  # re-runs replace only our own output
+source "$HERE/run_dir.sh" && fresh_run_dir "$RUN" compress_demo
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DATA="data.cache_dir=$RUN/data"
 TP2=(torchrun --standalone --nproc-per-node 2 -m minitron_mcore)

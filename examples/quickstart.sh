@@ -7,11 +7,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUN=${1:-runs/quickstart}
-if [ -n "$(ls -A "$RUN" 2>/dev/null)" ] && [ ! -f "$RUN/.quickstart" ]; then
-  echo "error: $RUN is not empty and was not made by this script; pass a new directory" >&2
-  exit 2
-fi
-rm -rf "$RUN" && mkdir -p "$RUN" && touch "$RUN/.quickstart"  # re-runs replace only our own output
+source "$HERE/run_dir.sh" && fresh_run_dir "$RUN" quickstart
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python "$HERE/make_tiny_hf.py" --family llama --out "$RUN/hf"
