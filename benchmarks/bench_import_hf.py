@@ -291,6 +291,28 @@ def median(runs: list[Run], attr: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def cached_import(hf_dir: str, ckpt: str, spec: dict, time_file: str, extra=()):
+    """``minitron import-hf load=hf_dir save=ckpt [extra]``, measured, or the checkpoint a
+    previous run made from the same ``spec``; returns (ckpt, import Run or None)."""
+    stamp = ckpt + ".spec.json"
+    if os.path.isfile(stamp) and os.path.isfile(os.path.join(ckpt, "minitron.json")):
+        with open(stamp) as f:
+            if json.load(f) == spec:
+                print(f"using cached checkpoint {ckpt}")
+                return ckpt, None
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(ckpt + ".partial", ignore_errors=True)
+    cmd = [sys.executable, "-m", "minitron_mcore", "import-hf", f"load={hf_dir}", f"save={ckpt}"]
+    cmd += list(extra)
+    print(f"importing {hf_dir} -> {ckpt} (once; cached for later runs) ...", flush=True)
+    run = measure("import-hf", cmd, time_file)
+    if run.returncode != 0:
+        fail(run, cmd)
+    with open(stamp, "w") as f:
+        json.dump(spec, f, indent=2, sort_keys=True)
+    return ckpt, run
+
+
 def compute_ratios(runs: dict[str, list[Run]], ckpt_bytes: int) -> dict[str, float]:
     """import-hf over each baseline (wall time, peak RSS) and every side's peak RSS over the
     checkpoint size; medians over the repeats."""

@@ -58,7 +58,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -274,23 +273,7 @@ def hf_spec(args) -> dict:
 
 def ensure_checkpoint(work: str, hf_dir: str, spec: dict, time_file: str) -> str:
     """``minitron import-hf load=hf_dir dtype=fp32``, cached next to the HF model."""
-    ckpt = hf_dir + "-fp32-ckpt"
-    stamp = ckpt + ".spec.json"
-    if os.path.isfile(stamp) and os.path.isfile(os.path.join(ckpt, "minitron.json")):
-        with open(stamp) as f:
-            if json.load(f) == spec:
-                print(f"using cached checkpoint {ckpt}")
-                return ckpt
-    shutil.rmtree(ckpt, ignore_errors=True)
-    cmd = [sys.executable, "-m", "minitron_mcore", "import-hf", f"load={hf_dir}"]
-    cmd += [f"save={ckpt}", "dtype=fp32"]
-    print(f"importing {hf_dir} -> {ckpt} (once) ...", flush=True)
-    run = bih.measure("import-hf", cmd, time_file)
-    if run.returncode != 0:
-        bih.fail(run, cmd)
-    with open(stamp, "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
-    return ckpt
+    return bih.cached_import(hf_dir, hf_dir + "-fp32-ckpt", spec, time_file, ["dtype=fp32"])[0]
 
 
 def cli_commands(args, ckpt: str, work: str) -> dict[str, list[str]]:

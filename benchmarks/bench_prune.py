@@ -91,24 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ensure_checkpoint(hf_dir: str, spec: dict, prune_dir: str, time_file: str):
     """The import-hf checkpoint of ``hf_dir``, cached; returns (path, import Run or None)."""
-    name = os.path.basename(hf_dir)
-    ckpt = os.path.join(prune_dir, f"ckpt-{name}")
-    stamp = ckpt + ".spec.json"
-    if os.path.isfile(stamp) and os.path.isfile(os.path.join(ckpt, "minitron.json")):
-        with open(stamp) as f:
-            if json.load(f) == spec:
-                print(f"using cached checkpoint {ckpt}")
-                return ckpt, None
-    shutil.rmtree(ckpt, ignore_errors=True)
-    shutil.rmtree(ckpt + ".partial", ignore_errors=True)
-    cmd = [sys.executable, "-m", "minitron_mcore", "import-hf", f"load={hf_dir}", f"save={ckpt}"]
-    print(f"importing {hf_dir} -> {ckpt} (once; cached for later runs) ...", flush=True)
-    run = bih.measure("import-hf", cmd, time_file)
-    if run.returncode != 0:
-        bih.fail(run, cmd)
-    with open(stamp, "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
-    return ckpt, run
+    ckpt = os.path.join(prune_dir, f"ckpt-{os.path.basename(hf_dir)}")
+    return bih.cached_import(hf_dir, ckpt, spec, time_file)
 
 
 def write_scores(ckpt: str, path: str, blocks: list[int]) -> dict:
