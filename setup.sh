@@ -2,22 +2,66 @@
 # One-command set-up:  bash setup.sh
 #
 # Installs minitron_mcore (editable) and its dependencies into the active Python environment.
-# * torch: kept as it is when already installed (an NGC container's CUDA build, or your own);
-#   otherwise the CPU build of torch==2.13.0 (TORCH_SPEC overrides, e.g. TORCH_SPEC='torch==2.13.0'
-#   with your own --index-url in PIP_INDEX_URL). A bare `pip install torch` would pull a
-#   multi-GB CUDA build onto a CPU machine, so it is never left to the resolver.
+# * torch: kept as it is when already importable (an NGC container's CUDA build, or your own);
+#   otherwise torch==2.13.0 (TORCH_SPEC overrides) is installed:
+#   - on a machine without an NVIDIA GPU (no working `nvidia-smi`), from PyTorch's CPU wheel
+#     index (TORCH_INDEX_URL, default https://download.pytorch.org/whl/cpu), because the
+#     default index's Linux torch is a multi-GB CUDA build; when that index cannot be reached
+#     (checked with a 10 s probe), or the install from it fails, from pip's default index;
+#   - on a GPU machine, from pip's default index (CUDA build).
+#   TORCH_INDEX_URL=URL picks another index, TORCH_INDEX_URL= (empty) the default one.
 # * Transformer Engine / apex are optional and never installed here (NGC images ship them).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+PROBE_SECONDS=${SETUP_PROBE_SECONDS:-10}
 
-if "$PY" -c "import torch" 2>/dev/null; then
-  echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
-else
+has_nvidia_gpu() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU"
+}
+
+# Whether the index answers at all (DNS, firewall, proxy): a failed probe takes at most
+# PROBE_SECONDS, where pip with its retries could hang for minutes.
+index_reachable() {
+  "$PY" - "${1%/}/torch/" "$PROBE_SECONDS" >/dev/null 2>&1 <<'EOF'
+import sys
+import urllib.request
+
+urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).close()
+EOF
+}
+
+install_torch() {
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    return
+  fi
+  local index
+  if [ -n "${TORCH_INDEX_URL+set}" ]; then
+    index=$TORCH_INDEX_URL
+  elif has_nvidia_gpu; then
+    index=""
+  else
+    index=$CPU_INDEX
+  fi
+  if [ -n "$index" ]; then
+    if index_reachable "$index"; then
+      echo "setup: installing $TORCH_SPEC from $index"
+      if "$PY" -m pip install -q --index-url "$index" "$TORCH_SPEC"; then
+        return
+      fi
+      echo "setup: installing $TORCH_SPEC from $index failed; trying the default index"
+    else
+      echo "setup: $index cannot be reached; trying the default index"
+    fi
+  fi
   echo "setup: installing $TORCH_SPEC"
   "$PY" -m pip install -q "$TORCH_SPEC"
-fi
+}
+
+install_torch
 "$PY" -m pip install -q -r requirements.txt
 # --no-deps: requirements.txt already holds them, and pip must not re-resolve torch.
 "$PY" -m pip install -q --no-deps -e .

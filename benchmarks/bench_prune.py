@@ -132,7 +132,9 @@ def write_scores(ckpt: str, path: str, blocks: list[int]) -> dict:
 
 
 def weights_dir_bytes(ckpt: str) -> int:
-    return bih.dir_bytes(os.path.join(ckpt, "weights"))
+    from minitron_mcore.checkpoint.megatron import resolve_checkpoint
+
+    return bih.dir_bytes(os.path.join(resolve_checkpoint(ckpt), "weights"))
 
 
 def layer_bytes(arch: dict, nbytes: int) -> int:

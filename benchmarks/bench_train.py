@@ -243,8 +243,8 @@ def run_ours(args, arch, precision: str, batches) -> dict:
             "position_ids": position_ids.contiguous(),
             "loss_mask": loss_mask,
         }
-        loss, _, _ = train_step(ddp, opt, sched, forward_step, [mb], args.seq_len)
-        return loss
+        reports, _, _ = train_step(ddp, opt, sched, forward_step, [mb], args.seq_len)
+        return reports["lm loss"]
 
     return timed_loop(args, step, batches, n_params=n_params)
 

@@ -163,20 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, overrides = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(
-            f"error: unknown command {command!r}; run `minitron --help` for the list",
-            file=sys.stderr,
-        )
-        return 2
     try:
+        if command not in COMMANDS:
+            raise MinitronError(f"unknown command {command!r}; run `minitron --help` for the list")
         if any(a in ("-h", "--help") for a in overrides):
             print(_show_config(command))
             return 0
         cfg = compose(command, overrides)
         COMMANDS[command].resolve("target")(cfg)
     except MinitronError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun / srun every rank gets here, mostly with the same message: print it
+        # once, never dropping a message that only some rank has (the rule and its reasons:
+        # minitron_mcore.parallel.should_print_error).  Every rank exits with the same code.
+        show = True  # a single process always prints (and needs no torch import to decide)
+        if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+            from minitron_mcore.parallel import should_print_error
+
+            show = should_print_error(e)
+        if show:
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 

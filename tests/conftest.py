@@ -28,9 +28,11 @@ def _env():
     return env
 
 
-def launch(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
+def launch(
+    args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600, env: dict = None
+):
     """Run ``python -m minitron_mcore``-style argv (or a worker script) in fresh processes:
-    torchrun with ``nproc`` > 1, plain python otherwise."""
+    torchrun with ``nproc`` > 1, plain python otherwise; ``env`` adds environment variables."""
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -43,7 +45,8 @@ def launch(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 6
         ] + args
     else:
         cmd = [sys.executable] + args
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    full_env = dict(_env(), **(env or {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return r

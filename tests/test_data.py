@@ -2,9 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, WORKERS, _env, _free_port
 
 from minitron_mcore.cli import main
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datasets
@@ -182,3 +186,77 @@ def test_dataset_from_another_tokenizer(tmp_path, tokenizer_dir, jsonl):
             10,
             0,
         )
+
+
+def _two_ranks(mode: str, tokenizer_dir: str, corpus: str, cache: str, timeout_s=2, delay_s=1.0):
+    """Run tests/workers/slow_tokenize.py as global ranks 0 and 1 -> [(returncode, out, err)]."""
+    port, procs = _free_port(), []
+    for r in range(2):
+        env = _env()
+        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        args = [mode, tokenizer_dir, corpus, cache, str(timeout_s), str(delay_s)]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.join(WORKERS, "slow_tokenize.py"), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+        )
+    deadline, results = time.monotonic() + 300, []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            err += "\n[killed: still running after the deadline]"
+        results.append((p.returncode, out, err))
+    return results
+
+
+@pytest.fixture
+def six_docs(tmp_path):
+    path = tmp_path / "six.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(6)))
+    return str(path)
+
+
+@pytest.mark.multiproc
+def test_ranks_wait_for_slow_tokenization_without_collective_timeout(
+    tmp_path, tokenizer_dir, six_docs
+):
+    """Rank 0 tokenizes for ~6 s; the process group's collectives time out after 2 s. The other
+    rank waits on the filesystem, not in a collective, so both get the finished dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    cache = str(tmp_path / "cache")
+    (r0, out0, err0), (r1, out1, err1) = _two_ranks("ok", tokenizer_dir, six_docs, cache)
+    assert r0 == 0 and r1 == 0, f"rank 0:\n{err0[-3000:]}\nrank 1:\n{err1[-3000:]}"
+    got = [json.loads(out.strip().splitlines()[-1]) for out in (out0, out1)]
+    assert got[0]["prefix"] == got[1]["prefix"]
+    assert got[1]["seconds"] > 4, got  # rank 1 really waited longer than the timeout
+    assert len(IndexedDataset(got[0]["prefix"])) == 6
+    assert os.listdir(os.path.join(cache, ".sync")) == []  # the status file is cleaned up
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "mode,rank0_code,needle",
+    [("fail", 2, "rank 0 failed while preparing"), ("die", 17, "stopped reporting progress")],
+)
+def test_waiting_ranks_stop_when_rank0_fails_tokenizing(
+    tmp_path, tokenizer_dir, six_docs, mode, rank0_code, needle
+):
+    """Rank 0 raises (or its process vanishes) while tokenizing: the waiting rank does not hang,
+    it exits with one error line saying why."""
+    cache = str(tmp_path / "cache")
+    (r0, _, err0), (r1, _, err1) = _two_ranks(mode, tokenizer_dir, six_docs, cache)
+    assert r0 == rank0_code, err0[-3000:]
+    errors = [line for line in err1.splitlines() if line.startswith("error:")]
+    assert r1 == 2 and len(errors) == 1 and needle in errors[0], err1[-3000:]
+    if mode == "fail":
+        assert "bad record 3 in the corpus" in errors[0]

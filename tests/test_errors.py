@@ -7,6 +7,7 @@ import shutil
 import pytest
 from conftest import minitron
 
+from minitron_mcore.checkpoint.megatron import resolve_checkpoint
 from minitron_mcore.cli import main
 
 
@@ -120,7 +121,7 @@ def test_corrupt_megatron_checkpoint(capsys, hf_models, tmp_path):
     """A damaged checkpoint fails export with one line; the old export stays as it was."""
     ckpt = str(tmp_path / "ckpt")
     minitron("import-hf", f"load={hf_models['qwen2']}", f"save={ckpt}")
-    weights = os.path.join(ckpt, "weights")
+    weights = os.path.join(resolve_checkpoint(ckpt), "weights")
     for name in os.listdir(weights):
         if name.endswith(".distcp"):
             with open(os.path.join(weights, name), "r+b") as f:

@@ -52,3 +52,28 @@ def test_evaluate_matches_transformers_loss(
         logits = hf(tokens).logits
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
     assert abs(ours - ref) / ref <= 1e-5, (ours, ref)
+
+
+def test_evaluate_reads_data_train_when_no_valid_is_given(llama_ckpt, corpora, tmp_path):
+    """`data.train=[X]` alone evaluates X (no demo corpus behind the user's back): the same
+    loss as `data.valid=[X]`, and the demo corpus is never written."""
+    common = [
+        f"load={llama_ckpt}",
+        "seq_length=32",
+        "global_batch_size=4",
+        "micro_batch_size=2",
+        "iters=2",
+    ]
+    losses = {}
+    for key in ("train", "valid"):
+        cache = tmp_path / f"cache_{key}"
+        r = minitron(
+            "evaluate",
+            *common,
+            f"save={tmp_path}/eval_{key}",
+            f"data.{key}=[{corpora['stdlib-docs']}]",
+            f"data.cache_dir={cache}",
+        )
+        losses[key] = json.loads(r.stdout.strip().splitlines()[-1])["valid_loss"]
+        assert not (cache / "demo").exists(), key
+    assert losses["train"] == losses["valid"], losses

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, _env, canonical_weights, minitron, read_log
 
+from minitron_mcore.train.state import read_train_state
+
 pytestmark = pytest.mark.multiproc
 
 
@@ -75,17 +77,15 @@ def test_resume_after_sigkill_is_bitwise_exact(llama_ckpt, corpora, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = os.path.join(resumed, "train_state.json")
+    tracker = os.path.join(resumed, "minitron.json")  # written once the first save is complete
     deadline = time.time() + 300
-    while not os.path.exists(state) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(tracker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with open(state) as f:
-        assert json.load(f)["iteration"] == 5, "the run was not stopped mid-way"
+    assert read_train_state(resumed)["iteration"] == 5, "the run was not stopped mid-way"
     minitron(*args[2:])  # same command again: resumes at step 5
-    with open(state) as f:
-        assert json.load(f)["iteration"] == 10
+    assert read_train_state(resumed)["iteration"] == 10
 
     a, b = canonical_weights(straight), canonical_weights(resumed)
     assert a.keys() == b.keys()
@@ -122,8 +122,7 @@ def test_sigterm_saves_and_exits_cleanly(llama_ckpt, corpora, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     metrics = json.loads(out.strip().splitlines()[-1])
     assert metrics["preempted"] is True and 0 < metrics["step"] < 100000
-    with open(os.path.join(save, "train_state.json")) as f:
-        assert json.load(f)["iteration"] == metrics["step"]
+    assert read_train_state(save)["iteration"] == metrics["step"]
 
 
 def expected_lr(step, lr, min_lr, warmup, total):

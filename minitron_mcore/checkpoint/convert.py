@@ -142,6 +142,9 @@ def export_hf(cfg: ExportHFConfig) -> dict:
             hf_mapping.hf_config_from_arch(arch, meta.hf_config, dtype_name),
             meta.hf_generation_config,
         )
+        # transformers 5 writes only rope_parameters; engines and converters read the classic
+        # rope_theta / rope_scaling keys, so write both.
+        hf_mapping.write_classic_rope_keys(tmp)
         hf_io.copy_files(tokenizer_files_of(cfg.load), tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

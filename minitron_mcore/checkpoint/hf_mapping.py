@@ -6,11 +6,14 @@ given per layer.  Megatron's checkpoint keys are spec-neutral (the local spec ma
 the Transformer Engine names), so one mapping serves both specs.
 
 No library converts HF <-> Megatron-Core for these families without pulling in NeMo or
-Megatron-LM's training scripts, so the mapping is written here.
+Megatron-LM's training scripts, so the mapping is written here.  The one file access,
+:func:`write_classic_rope_keys`, fixes up the ``config.json`` that transformers saved.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 
 import torch
@@ -71,6 +74,19 @@ def _rope_from_hf(cfg: dict) -> tuple[float, float | None]:
     return float(theta), float(scaling["factor"])
 
 
+def _require_full_attention_window(cfg: dict) -> None:
+    """Mistral's ``sliding_window``: only a window that covers every position (or none) is the
+    full attention that Megatron's GPT layers compute."""
+    window = cfg.get("sliding_window")
+    max_pos = cfg.get("max_position_embeddings", 2048)
+    require(
+        window is None or window >= max_pos,
+        f"sliding-window attention (sliding_window={window} < max_position_embeddings={max_pos}) "
+        "is not supported; use a full-attention model (sliding_window=null), or set "
+        f"max_position_embeddings={window} in config.json to train within the window",
+    )
+
+
 def arch_from_hf_config(cfg: dict) -> ModelArch:
     """ModelArch from a Hugging Face ``config.json`` dict; clear errors for what we cannot map."""
     model_type = cfg.get("model_type")
@@ -88,10 +104,13 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         not cfg.get("attention_bias", False) or model_type == "qwen2",
         "models with attention_bias=true are not supported for model_type " + model_type,
     )
-    require(
-        not cfg.get("use_sliding_window", False),
-        "Qwen2 sliding-window attention is not supported; set use_sliding_window=false",
-    )
+    if model_type == "qwen2":  # Qwen2's sliding_window only applies with use_sliding_window
+        require(
+            not cfg.get("use_sliding_window", False),
+            "Qwen2 sliding-window attention is not supported; set use_sliding_window=false",
+        )
+    else:
+        _require_full_attention_window(cfg)
     theta, factor = _rope_from_hf(cfg)
     heads = cfg["num_attention_heads"]
     return ModelArch(
@@ -122,6 +141,12 @@ def hf_config_from_arch(arch: ModelArch, base: dict | None, dtype: str) -> dict:
         rope = dict(rope, rope_type="llama3", factor=arch.rope_scaling_factor, **_LLAMA3_FIXED)
     cfg.pop("rope_scaling", None)
     cfg.pop("rope_theta", None)
+    if arch.family == "mistral":
+        # Our model attends to every position; transformers' MistralConfig defaults to a 4096
+        # window, so write the source's covering window back, or null.
+        window = cfg.get("sliding_window")
+        covers = window is not None and window >= arch.max_position_embeddings
+        cfg["sliding_window"] = window if covers else None
     cfg.update(
         model_type=arch.family,
         hidden_size=arch.hidden_size,
@@ -139,6 +164,33 @@ def hf_config_from_arch(arch: ModelArch, base: dict | None, dtype: str) -> dict:
         dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
     )
     return cfg
+
+
+def with_classic_rope_keys(cfg: dict) -> dict:
+    """``cfg`` (a saved ``config.json`` dict) plus the transformers-4 RoPE keys, derived from its
+    ``rope_parameters``: ``rope_theta`` (float) and ``rope_scaling`` (null without scaling).
+
+    transformers 5 writes only ``rope_parameters``; transformers 4, vLLM, TensorRT-LLM and
+    llama.cpp's converter read the classic keys, and transformers 5 reads either, so an exported
+    config carries both.  Configs without a flat ``rope_parameters`` are returned unchanged.
+    """
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        return dict(cfg)
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return dict(cfg, rope_theta=float(params["rope_theta"]), rope_scaling=scaling)
+
+
+def write_classic_rope_keys(hf_dir: str) -> None:
+    """Rewrite ``hf_dir/config.json`` (as saved by transformers) with
+    :func:`with_classic_rope_keys`, keeping transformers' JSON formatting."""
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        cfg = with_classic_rope_keys(json.load(f))
+    with open(path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------- tensors

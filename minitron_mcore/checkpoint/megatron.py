@@ -1,23 +1,38 @@
 """Megatron checkpoints: ``dist_checkpointing`` weights + a JSON sidecar + the tokenizer.
 
-Layout of a checkpoint directory ``CKPT``::
+A checkpoint directory ``CKPT`` (what ``save=`` names and ``load=`` reads) holds one or more
+complete *versions* and a tracker naming the current one::
 
-    CKPT/minitron.json   model arch, dtype, prune plan, provenance, training state (the sidecar)
-    CKPT/weights/        Megatron dist_checkpointing (torch_dist): global tensors, any TP/PP
-    CKPT/tokenizer/      the Hugging Face tokenizer files
+    CKPT/minitron.json            the tracker: the current version's sidecar + ``"version"``
+    CKPT/iter_0000010/            a complete, self-contained version (any one can be loaded):
+        minitron.json             model arch, dtype, prune plan, provenance, training state
+        weights/                  Megatron dist_checkpointing (torch_dist): global tensors
+        tokenizer/                the Hugging Face tokenizer files
+        optim/ rng/ train_state.json   (training runs: what exact resume needs)
+    CKPT/iter_0000005/            an older version (``train.keep_checkpoints``)
 
-Writes go to ``CKPT.partial`` and are renamed into place when complete, so a crash never leaves
-a half-written directory under the final name.  The weights are stored as global tensors, so a
-checkpoint saved at one TP/PP loads at any other (Megatron reshards on load).
+A save writes the new version into ``CKPT/<version>.partial``, renames it to ``CKPT/<version>``
+once every rank has finished, and then replaces the tracker in one atomic file rename; only
+after that are versions beyond ``keep`` deleted. So at every instant ``CKPT/minitron.json``
+names a complete version, and a crash anywhere (see :func:`save_checkpoint` and the kill test in
+tests/test_checkpoint_safety.py) leaves either the previous or the new checkpoint loadable.
+The first save of a new ``CKPT`` builds the whole directory as ``CKPT.partial`` and renames it.
+(Megatron-LM uses iteration directories and a tracker file the same way; a flat directory with
+``minitron.json`` and ``weights/`` at its top, as written by earlier versions, still loads.)
+
+The weights are global tensors, so a checkpoint saved at one TP/PP loads at any other (Megatron
+reshards on load). Loading goes through :mod:`.safe_load`: no code stored in a checkpoint runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -31,6 +46,7 @@ import torch
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import ModelArch
 from minitron_mcore.parallel import barrier, is_rank0
+from minitron_mcore.utils.faults import fault_point
 from minitron_mcore.utils.log import log0
 
 META_FILE = "minitron.json"
@@ -57,6 +73,8 @@ class CheckpointMeta:
     """A fresh id for every save: importance scores record it, so pruning can refuse scores
     computed on a different checkpoint."""
     format_version: int = FORMAT_VERSION
+    version: str = ""
+    """Set in a checkpoint directory's tracker only: the subdirectory of the current version."""
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -76,31 +94,56 @@ class CheckpointMeta:
         return dataclasses.replace(self, provenance=list(self.provenance) + [entry])
 
 
-def check_checkpoint_dir(path: str) -> None:
-    require(bool(path), "load= is empty; pass the checkpoint directory, e.g. load=runs/ckpt")
-    require(os.path.isdir(path), f"checkpoint directory {path} does not exist; check load=")
-    if not os.path.isfile(os.path.join(path, META_FILE)):
-        hint = (
-            "it looks like a Hugging Face model: run `minitron import-hf load="
-            + path
-            + " save=CKPT`"
-            if os.path.isfile(os.path.join(path, "config.json"))
-            else "point load= at a directory written by minitron"
-        )
-        raise MinitronError(f"{path} is not a minitron checkpoint (no {META_FILE}); {hint}")
-    require(
-        os.path.isdir(os.path.join(path, WEIGHTS_DIR)),
-        f"checkpoint {path} has no {WEIGHTS_DIR}/ directory; it is incomplete, re-create it",
+def _not_a_checkpoint(path: str) -> MinitronError:
+    hint = (
+        f"it looks like a Hugging Face model: run `minitron import-hf load={path} save=CKPT`"
+        if os.path.isfile(os.path.join(path, "config.json"))
+        else "point load= at a directory written by minitron"
     )
+    return MinitronError(f"{path} is not a minitron checkpoint (no {META_FILE}); {hint}")
 
 
-def read_meta(path: str) -> CheckpointMeta:
-    check_checkpoint_dir(path)
+def _read_json_meta(path: str) -> CheckpointMeta:
     try:
         with open(os.path.join(path, META_FILE)) as f:
             return CheckpointMeta.from_json(f.read())
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise MinitronError(f"{path}/{META_FILE} is corrupt ({e}); re-create the checkpoint") from e
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The directory that holds the current version's files: ``path/<version>`` for a
+    checkpoint directory with a tracker, ``path`` itself for one version (or an old flat
+    checkpoint)."""
+    require(bool(path), "load= is empty; pass the checkpoint directory, e.g. load=runs/ckpt")
+    require(os.path.isdir(path), f"checkpoint directory {path} does not exist; check load=")
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        raise _not_a_checkpoint(path)
+    version = _read_json_meta(path).version
+    if not version:
+        return path
+    inner = os.path.join(path, version)
+    require(
+        os.path.isfile(os.path.join(inner, META_FILE)),
+        f"checkpoint {path} names version {version}, which is missing; the directory was "
+        "damaged - restore it or re-create the checkpoint",
+    )
+    return inner
+
+
+def check_checkpoint_dir(path: str) -> str:
+    """Validate ``path`` and return the directory holding its current version's files."""
+    inner = resolve_checkpoint(path)
+    require(
+        os.path.isdir(os.path.join(inner, WEIGHTS_DIR)),
+        f"checkpoint {path} has no {WEIGHTS_DIR}/ directory; it is incomplete, re-create it",
+    )
+    return inner
+
+
+def read_meta(path: str) -> CheckpointMeta:
+    """The current version's sidecar (``version`` cleared: it describes the model)."""
+    return dataclasses.replace(_read_json_meta(check_checkpoint_dir(path)), version="")
 
 
 def check_save_target(path: str, overwrite: bool) -> None:
@@ -213,55 +256,221 @@ def reading_checkpoint(path: str):
         ) from e
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot (then the caller falls back to two renames)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    ok = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return ok
+
+
 def atomic_swap(tmp: str, path: str) -> None:
-    old = None
-    if os.path.exists(path):
-        old = f"{path}.old-{int(time.time())}"
-        os.rename(path, old)
+    """Put the complete directory ``tmp`` at ``path``, replacing what is there.
+
+    With an existing ``path`` the two are exchanged in one atomic step where the filesystem
+    supports it (Linux local filesystems), so ``path`` is never missing; elsewhere the old
+    directory is renamed to ``path.old-<time>`` first and removed after."""
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):
+        fault_point("swap:exchanged")
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
+        return
+    old = f"{path}.old-{int(time.time())}"
+    os.rename(path, old)
+    fault_point("swap:old-moved")
     os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    fault_point("swap:new-in-place")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def tokenizer_files_of(ckpt: str) -> list[str]:
     """The tokenizer files stored in checkpoint ``ckpt`` (to carry them into a new one)."""
-    d = os.path.join(ckpt, TOKENIZER_DIR)
+    d = os.path.join(resolve_checkpoint(ckpt), TOKENIZER_DIR)
     return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
 
 
-def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=(), extra=None) -> None:
-    """Collective: every rank writes its shards; rank 0 writes the sidecar and renames.
+_VERSION_RE = re.compile(r"^(iter_(\d{7,})|release-[0-9a-f]{8})$")
+
+
+def _write_json(path: str, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a mix."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    fault_point("tracker:written")
+    os.replace(tmp, path)
+    fault_point("tracker:replaced")
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def current_version(home: str) -> Optional[str]:
+    """The version a checkpoint directory's tracker names (None: none or a flat checkpoint)."""
+    if not os.path.isfile(os.path.join(home, META_FILE)):
+        return None
+    return _read_json_meta(home).version or None
+
+
+def _complete_home(home: str) -> bool:
+    """A checkpoint directory whose tracker names a version that is fully present."""
+    version = current_version(home) if os.path.isdir(home) else None
+    return bool(version) and os.path.isfile(os.path.join(home, version, META_FILE))
+
+
+def recover_home(home: str) -> None:
+    """Writer start-up: finish what a save that was killed had completed.
+
+    * ``home`` missing but ``home.partial`` complete (killed while putting a new checkpoint
+      directory in place): rename it into place;
+    * the tracker behind the newest complete training version (killed between renaming a
+      version into place and replacing the tracker): name that version."""
+    staged = home + ".partial"
+    if not os.path.exists(home) and _complete_home(staged):
+        os.rename(staged, home)
+        log0("recovered %s from an interrupted save", home)
+    if not os.path.isdir(home):
+        return
+    cur = current_version(home)
+    if cur is None:
+        return  # not a checkpoint directory, or an old flat checkpoint: nothing to recover
+    iters = sorted(
+        (int(m.group(2)), d)
+        for d in os.listdir(home)
+        if (m := _VERSION_RE.match(d)) and m.group(2) and os.path.isdir(os.path.join(home, d))
+    )
+    m = _VERSION_RE.match(cur)
+    cur_it = int(m.group(2)) if m and m.group(2) else -1
+    if iters and iters[-1][0] > cur_it:
+        newest = os.path.join(home, iters[-1][1])
+        meta = dataclasses.replace(_read_json_meta(newest), version=iters[-1][1])
+        _write_json(os.path.join(home, META_FILE), meta.to_json())
+        log0("recovered %s: its newest complete version %s is now current", home, iters[-1][1])
+
+
+def _collect_garbage(home: str, keep: int) -> None:
+    """Delete versions beyond the ``keep`` newest training versions (the current one is always
+    kept), other versions that are not current, and partial writes."""
+    cur = current_version(home)
+    entries = sorted(os.listdir(home))
+    iters = sorted(
+        ((int(m.group(2)), d) for d in entries if (m := _VERSION_RE.match(d)) and m.group(2)),
+        reverse=True,
+    )
+    cur_it = next((it for it, d in iters if d == cur), None)
+    kept = {cur}
+    if cur_it is not None:
+        kept |= set([d for it, d in iters if it < cur_it][: max(keep - 1, 0)])
+    for d in entries:
+        if (_VERSION_RE.match(d) and d not in kept) or d.endswith(".partial"):
+            shutil.rmtree(os.path.join(home, d), ignore_errors=True)
+            fault_point("gc:removed")
+
+
+def _commit_version(tmp: str, home: str, tag: str, meta: CheckpointMeta, keep: int) -> None:
+    """Rank 0, after every rank's files are in ``tmp``: make ``tmp`` version ``tag`` of
+    ``home`` and the current one. Each step leaves a loadable checkpoint behind."""
+    tracker = dataclasses.replace(meta, version=tag).to_json()
+    if current_version(home) is None:
+        # A new checkpoint directory (or a non-checkpoint one being overwritten): build it
+        # whole beside the target and put it in place in one step.
+        staged = home.rstrip("/") + ".partial"
+        shutil.rmtree(staged, ignore_errors=True)
+        os.makedirs(staged)
+        os.rename(tmp, os.path.join(staged, tag))
+        _write_json(os.path.join(staged, META_FILE), tracker)
+        fault_point("save:staged")
+        atomic_swap(staged, home)
+        fault_point("save:home-in-place")
+        return
+    dest = os.path.join(home, tag)
+    if os.path.exists(dest):  # left by a save that died before its tracker update
+        shutil.rmtree(dest)
+        fault_point("save:stale-removed")
+    os.rename(tmp, dest)
+    fault_point("save:version-in-place")
+    _write_json(os.path.join(home, META_FILE), tracker)
+    _collect_garbage(home, keep)
+
+
+def save_checkpoint(
+    model,
+    path: str,
+    meta: CheckpointMeta,
+    tokenizer_files=(),
+    extra=None,
+    tag: Optional[str] = None,
+    keep: int = 1,
+) -> None:
+    """Collective: every rank writes its shards; rank 0 writes the sidecar and commits.
 
     ``tokenizer_files`` are copied into ``tokenizer/`` (see :func:`tokenizer_files_of`).
     ``extra(tmp_dir)``, if given, is called on every rank to add more files (training state)
-    before the directory is renamed into place."""
+    before the version is committed. ``tag`` names the version (``iter_0000010`` for training;
+    default a fresh ``release-<id>``); ``keep`` training versions are kept (the module
+    docstring describes the layout and why every instant of a save is safe)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    tmp = path.rstrip("/") + ".partial"
+    import torch.distributed as dist
+
+    ident = [uuid.uuid4().hex]  # one id for all ranks: it names the version's directory
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(ident, src=0)
+    meta = dataclasses.replace(
+        meta,
+        checkpoint_id=ident[0],
+        saved_tp=ps.get_tensor_model_parallel_world_size(),
+        saved_pp=ps.get_pipeline_model_parallel_world_size(),
+        version="",
+    )
+    tag = tag or f"release-{meta.checkpoint_id[:8]}"
+    require(_VERSION_RE.match(tag) is not None, f"bad checkpoint version name {tag!r}")
+    home = path.rstrip("/")
+    if is_rank0():
+        recover_home(home)
+        if not os.path.exists(home):  # partial writes of earlier first saves
+            for stale in glob.glob(glob.escape(home) + ".*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    # The version is written inside an existing checkpoint directory, or beside a new one.
+    inside = current_version(home) is not None
+    tmp = os.path.join(home, tag + ".partial") if inside else f"{home}.{tag}.partial"
     if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
+        fault_point("save:tmp-created")
     barrier()
     try:
         dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+        fault_point("save:weights-written")
         if extra is not None:
             extra(tmp)
+            fault_point("save:extra-written")
         barrier()
         if is_rank0():
-            meta = dataclasses.replace(
-                meta,
-                checkpoint_id=uuid.uuid4().hex,
-                saved_tp=ps.get_tensor_model_parallel_world_size(),
-                saved_pp=ps.get_pipeline_model_parallel_world_size(),
-            )
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 f.write(meta.to_json())
             os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
             for f in tokenizer_files:
                 shutil.copy2(f, os.path.join(tmp, TOKENIZER_DIR))
-            atomic_swap(tmp, path)
-            log0("saved checkpoint %s", path)
+            fault_point("save:sidecar-written")
+            _commit_version(tmp, home, tag, meta, keep)
+            log0("saved checkpoint %s (%s)", home, tag)
     except BaseException:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -271,11 +480,11 @@ def save_checkpoint(model, path: str, meta: CheckpointMeta, tokenizer_files=(), 
 
 def load_weights(model, path: str) -> None:
     """Load ``path``'s weights into ``model`` (any TP/PP; Megatron reshards)."""
-    from megatron.core import dist_checkpointing
+    from minitron_mcore.checkpoint.safe_load import dist_load
 
-    weights = os.path.join(path, WEIGHTS_DIR)
+    weights = os.path.join(check_checkpoint_dir(path), WEIGHTS_DIR)
     with reading_checkpoint(weights):
-        state = dist_checkpointing.load(model.sharded_state_dict(), weights)
+        state = dist_load(model.sharded_state_dict(), weights)
     model.load_state_dict(state, strict=True)
 
 
@@ -353,13 +562,13 @@ class WeightsReader:
     ``prune`` and ``export-hf`` stay near one model (or one layer) of memory."""
 
     def __init__(self, path: str):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        check_checkpoint_dir(path)
-        self.path, self.dir = path, os.path.join(path, WEIGHTS_DIR)
+        from minitron_mcore.checkpoint.safe_load import SafeFileSystemReader
+
+        self.path, self.dir = path, os.path.join(check_checkpoint_dir(path), WEIGHTS_DIR)
         with reading_checkpoint(self.dir):
-            self._storage = FileSystemReader(self.dir)
+            self._storage = SafeFileSystemReader(self.dir)
             md = self._storage.read_metadata()
         self._md = {
             k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)

@@ -39,12 +39,16 @@ def _docstrings(source: str) -> str:
     return "\n\n".join(d for d in docs if d)
 
 
-def write_demo(name: str, out_dir: str, max_docs: int | None = None) -> str:
-    """Write ``demo:<name>`` as JSONL into ``out_dir`` (once) and return the file path."""
+def check_demo_name(name: str) -> None:
     require(
         name in DEMOS,
         f"unknown demo corpus demo:{name}; available: " + ", ".join("demo:" + d for d in DEMOS),
     )
+
+
+def write_demo(name: str, out_dir: str, max_docs: int | None = None) -> str:
+    """Write ``demo:<name>`` as JSONL into ``out_dir`` (once) and return the file path."""
+    check_demo_name(name)
     path = os.path.join(out_dir, f"{name}.jsonl")
     if os.path.isfile(path):
         return path

@@ -14,15 +14,17 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from minitron_mcore.errors import MinitronError, require
-from minitron_mcore.utils.log import emit_metrics, log0, progress
+from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
 
 TEXT_MODES = ("file", "line", "paragraph")
+_POSTFIX_SECONDS = 1.0  # progress bar's token count / on_progress callback
+_LOG_SECONDS = 30.0  # a log line when the bar is hidden (no TTY: torchrun, SLURM logs)
 
 
 @dataclass
@@ -97,8 +99,18 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def write_indexed(docs: Iterator[str], tokenizer_path: str, prefix: str, workers: int) -> dict:
-    """Tokenize ``docs`` and write ``prefix.bin/.idx`` atomically. Returns counts."""
+def write_indexed(
+    docs: Iterator[str],
+    tokenizer_path: str,
+    prefix: str,
+    workers: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Tokenize ``docs`` and write ``prefix.bin/.idx`` atomically. Returns counts.
+
+    Progress (documents, tokens, tokens/s) shows on rank 0 as a progress bar on a terminal,
+    as a log line every 30 s otherwise; ``on_progress(documents, tokens)`` is called about
+    once a second."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from minitron_mcore.data.tokenizer import Tokenizer
@@ -115,15 +127,43 @@ def write_indexed(docs: Iterator[str], tokenizer_path: str, prefix: str, workers
         else:
             _init_worker(tokenizer_path)
             pool, encoded = None, map(_encode, docs)
-        for ids in progress(encoded, desc="preprocess", unit="doc"):
+        bar = progress(encoded, desc="preprocess", unit="doc")
+        start = last = last_log = time.monotonic()
+        for ids in bar:
             builder.add_document(ids, [ids.size])
             n_docs += 1
             n_tokens += int(ids.size)
+            now = time.monotonic()
+            if now - last < _POSTFIX_SECONDS:
+                continue
+            last, rate = now, n_tokens / (now - start)
+            bar.set_postfix_str(
+                f"{human_count(n_tokens)} tokens, {human_count(rate)} tokens/s", refresh=False
+            )
+            if on_progress is not None:
+                on_progress(n_docs, n_tokens)
+            if bar.disable and now - last_log >= _LOG_SECONDS:
+                last_log = now
+                log0(
+                    "preprocess: %s documents, %s tokens, %s tokens/s",
+                    human_count(n_docs),
+                    human_count(n_tokens),
+                    human_count(rate),
+                )
+        bar.close()
         if pool is not None:
             pool.close()
             pool.join()
         require(n_docs > 0, "the input holds no documents (all files empty?); nothing to write")
         builder.finalize(tmp + ".idx")
+        seconds = time.monotonic() - start
+        log0(
+            "preprocess: %s documents, %s tokens in %.1f s (%s tokens/s)",
+            human_count(n_docs),
+            human_count(n_tokens),
+            seconds,
+            human_count(n_tokens / max(seconds, 1e-9)),
+        )
     except BaseException:
         for ext in (".bin", ".idx"):
             if os.path.exists(tmp + ext):
@@ -174,8 +214,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
 def resolve_tokenizer_path(path: str) -> str:
     """A checkpoint directory stands for its ``tokenizer/`` subdirectory."""
-    from minitron_mcore.checkpoint.megatron import META_FILE, TOKENIZER_DIR
+    from minitron_mcore.checkpoint.megatron import META_FILE, TOKENIZER_DIR, resolve_checkpoint
 
     if os.path.isfile(os.path.join(path, META_FILE)):
-        return os.path.join(path, TOKENIZER_DIR)
+        return os.path.join(resolve_checkpoint(path), TOKENIZER_DIR)
     return path

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
-from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset
+from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset, require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
@@ -47,6 +47,7 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.time()
+    require_data(cfg.data, evaluation=True)
     meta = read_meta(cfg.load)
     meta.arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     require(

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
-from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset
+from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset, require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
@@ -191,6 +191,7 @@ def _metric_fn(spec: str):
 def importance(cfg: ImportanceCommandConfig) -> dict:
     t0 = time.time()
     icfg = cfg.importance
+    require_data(cfg.data)
     meta = read_meta(cfg.load)
     arch = meta.arch
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)

@@ -39,3 +39,12 @@ def training_model_kwargs(train) -> dict:
         attention_dropout=train.attention_dropout,
         calculate_per_token_loss=True,
     )
+
+
+def finished_run(plan, save: str) -> dict:
+    """A re-run of a finished command: report the stored metrics, change nothing."""
+    from minitron_mcore.utils.log import emit_metrics, log0
+
+    log0("save=%s already holds this finished run; nothing to do (metrics below)", save)
+    emit_metrics(plan.finished, None)
+    return plan.finished

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
-from minitron_mcore.data.datasets import DataConfig
+from minitron_mcore.data.datasets import DataConfig, require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
@@ -24,11 +24,13 @@ from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.stages.common import (
     check_tokenizer_vocab,
     dtype_name,
+    finished_run,
     train_dtype,
     training_model_kwargs,
 )
 from minitron_mcore.train.config import TrainConfig
-from minitron_mcore.train.loop import TrainJob, resolve_train_config, resume_point, run_training
+from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
+from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.utils.log import emit_metrics, log0
 
 
@@ -49,6 +51,10 @@ class CorrectConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
     resume: str = "auto"
+    """auto: continue from ``save`` if it holds this run; never: start over."""
+    resume_override: list = field(default_factory=list)
+    """Keys allowed to differ from the saved run on resume, e.g. [train.steps] to train
+    longer on purpose (train/resume.py)."""
     overwrite: bool = False
 
 
@@ -76,14 +82,20 @@ def recipe(cfg: CorrectConfig, record: dict) -> TrainConfig:
 
 def correct(cfg: CorrectConfig) -> dict:
     meta = read_meta(cfg.load)
-    resume = resume_point(cfg.save, cfg.resume, cfg.overwrite)
     meta.arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     train = resolve_train_config(
         recipe(cfg, meta.train_state or {}), meta.arch.max_position_embeddings, cfg.parallel
     )
+    require_data(cfg.data)
     tokenizer = Tokenizer(resolve_tokenizer_path(cfg.load))
     check_tokenizer_vocab(tokenizer, meta.arch.vocab_size)
     dtype = train_dtype(train.precision)
+    signature = run_signature(
+        "correct", train, cfg.data, cfg.seed, dtype_name(dtype), load=meta.checkpoint_id
+    )
+    plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
+    if plan.finished:
+        return finished_run(plan, cfg.save)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(
             "correct: %s, peak lr %.3g (x%.2f of the original), warmup %d, %s decay to %.3g, "
@@ -111,7 +123,9 @@ def correct(cfg: CorrectConfig) -> dict:
             data=cfg.data,
             save=cfg.save,
             seed=cfg.seed,
-            resume_from=resume,
+            resume_from=plan.source,
+            signature=signature,
+            override_schedule=plan.override_schedule,
         )
         metrics = run_training(job)
     emit_metrics(metrics, cfg.save)

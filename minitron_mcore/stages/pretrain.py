@@ -12,17 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minitron_mcore.checkpoint.megatron import CheckpointMeta, read_meta
-from minitron_mcore.data.datasets import DataConfig
+from minitron_mcore.checkpoint.megatron import CheckpointMeta
+from minitron_mcore.data.datasets import DataConfig, require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
 from minitron_mcore.models.arch import ModelArch
 from minitron_mcore.models.build import build_model_for_stage
 from minitron_mcore.parallel import ParallelConfig, parallel_context
-from minitron_mcore.stages.common import dtype_name, train_dtype, training_model_kwargs
+from minitron_mcore.stages.common import (
+    dtype_name,
+    finished_run,
+    train_dtype,
+    training_model_kwargs,
+)
 from minitron_mcore.train.config import TrainConfig
-from minitron_mcore.train.loop import TrainJob, resolve_train_config, resume_point, run_training
+from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
+from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.utils.log import emit_metrics, human_count, log0
 
 
@@ -41,23 +47,36 @@ class PretrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
     resume: str = "auto"
-    """auto: continue from ``save`` if it holds a resumable run; never: start over."""
+    """auto: continue from ``save`` if it holds this run; never: start over."""
+    resume_override: list = field(default_factory=list)
+    """Keys allowed to differ from the saved run on resume, e.g. [train.steps] to train
+    longer on purpose (train/resume.py)."""
     overwrite: bool = False
     """Allow replacing an existing ``save`` that is not resumable."""
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     require(bool(cfg.save), "save= is empty; pass an output directory, e.g. save=runs/base")
-    resume = resume_point(cfg.save, cfg.resume, cfg.overwrite)
+    require_data(cfg.data)
     tok_path = resolve_tokenizer_path(cfg.tokenizer)
     require(bool(tok_path), "tokenizer= is empty; pass a tokenizer directory or .model file")
     tokenizer = Tokenizer(tok_path)
     arch = cfg.model.replace(vocab_size=tokenizer.vocab_size)
-    if resume:
-        arch = read_meta(resume).arch
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     train = resolve_train_config(cfg.train, arch.max_position_embeddings, cfg.parallel)
     dtype = train_dtype(train.precision)
+    signature = run_signature(
+        "pretrain",
+        train,
+        cfg.data,
+        cfg.seed,
+        dtype_name(dtype),
+        model=arch.to_dict(),
+        tokenizer=tokenizer.fingerprint(),
+    )
+    plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
+    if plan.finished:
+        return finished_run(plan, cfg.save)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(
             "pretrain: %s model (%s params), %d steps x %d samples x %d tokens",
@@ -82,7 +101,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             data=cfg.data,
             save=cfg.save,
             seed=cfg.seed,
-            resume_from=resume,
+            resume_from=plan.source,
+            signature=signature,
+            override_schedule=plan.override_schedule,
         )
         metrics = run_training(job)
     emit_metrics(metrics, cfg.save)

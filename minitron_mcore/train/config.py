@@ -44,6 +44,9 @@ class TrainConfig:
     """Validation global batches (a fixed set, the same at every evaluation)."""
     save_interval: int = 0
     """Save a resumable checkpoint every N steps (always at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoint versions (``iter_<step>``) kept in ``save``; older ones are deleted once a
+    newer one is complete."""
     log_interval: int = 10
     """Log a line every N steps when there is no terminal for the progress bar."""
     log_dir: str = ""

@@ -80,38 +80,48 @@ class RunLogger:
         if self.wandb:
             self.wandb.log(values, step=step)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float) -> dict:
+    def step(self, step: int, values: dict, primary: str) -> dict:
+        """One training step: ``values`` holds the named losses, ``lr`` and ``grad_norm``;
+        ``values[primary]`` (the optimised loss) is logged as ``train/loss``."""
         now = time.time()
         dt = max(now - self.t_last, 1e-9) / max(step - self.step_last, 1)
         self.t_last, self.step_last = now, step
-        values = {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/tokens_per_s": self.tokens_per_step / dt,
-            "train/step_s": dt,
-        }
-        self.scalars(step, values)
+        loss, lr, grad_norm = values[primary], values["lr"], values["grad_norm"]
+        row = {"train/loss": loss}
+        others = {k: v for k, v in values.items() if k not in (primary, "lr", "grad_norm")}
+        row.update({"train/" + k.replace(" ", "_"): v for k, v in others.items()})
+        row.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_s": self.tokens_per_step / dt,
+                "train/step_s": dt,
+            }
+        )
+        self.scalars(step, row)
         if not self.active:
-            return values
+            return row
+        extra = "".join(f" {k} {v:.4f}" for k, v in others.items())
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{values['train/tokens_per_s']:.0f}"
-            )
+            post = {primary.split()[0]: f"{loss:.4f}"}
+            post.update({k.split()[0]: f"{v:.4f}" for k, v in others.items()})
+            self.bar.set_postfix(lr=f"{lr:.2e}", tok_s=f"{row['train/tokens_per_s']:.0f}", **post)
         elif step % self.log_interval == 0 or step == self.total:
             eta = (self.total - step) * dt
             log0(
-                "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tok/s eta %.0fs",
+                "step %d/%d %s %.4f%s lr %.3e grad_norm %.3f %.0f tok/s eta %.0fs",
                 step,
                 self.total,
+                primary,
                 loss,
+                extra,
                 lr,
                 grad_norm,
-                values["train/tokens_per_s"],
+                row["train/tokens_per_s"],
                 eta,
             )
-        return values
+        return row
 
     def close(self) -> None:
         if self.bar is not None:

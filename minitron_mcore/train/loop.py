@@ -1,17 +1,24 @@
-"""The training loop every training stage uses (pretrain, correct, later distill).
+"""The training engine every training stage uses (pretrain, correct, distill).
 
-Megatron does the heavy lifting (schedules, DDP, optimizer, LR schedule); this loop adds the
-data position, validation, logging, checkpoints, exact resume and clean preemption.
+Megatron does the heavy lifting (schedules, DDP, optimizer, LR schedule); the engine adds the
+data position, validation, logging, checkpoints, exact resume and clean preemption. A stage
+hands over a :class:`TrainJob` whose :class:`~minitron_mcore.train.step.Objective` says what is
+optimised (the LM loss by default, the KD loss for distillation). The pieces are separate so a
+stage can use them one by one (``distill`` validates its teacher between set-up and the loop):
+
+    trainer = Trainer(job)   # set-up: DDP, optimizer, schedule, resume, data, logger
+    trainer.validate()       # named validation losses, the same on every rank
+    trainer.train_step(i)    # one optimizer step -> named training losses
+    trainer.save(i)          # a resumable checkpoint version
+    trainer.run()            # the loop: steps, validation, saves, preemption -> final metrics
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,18 +33,22 @@ from minitron_mcore.parallel import comm_device
 from minitron_mcore.train import optim
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.logger import RunLogger
-from minitron_mcore.train.state import (
-    has_train_state,
-    load_training_checkpoint,
-    save_training_checkpoint,
+from minitron_mcore.train.state import load_training_checkpoint, save_training_checkpoint
+from minitron_mcore.train.step import (
+    LM,
+    Objective,
+    lm_forward_step,
+    lm_objective,
+    reduce_reports,
+    run_schedule,
+    train_step,
 )
-from minitron_mcore.train.step import lm_forward_step, run_schedule, train_step
 from minitron_mcore.utils.log import log0
 
 
 @dataclass
 class TrainJob:
-    """Everything a stage hands to :func:`run_training`."""
+    """Everything a stage hands to the engine."""
 
     stage: str
     model: torch.nn.Module  # this rank's GPTModel (already holding initial weights)
@@ -47,8 +58,10 @@ class TrainJob:
     data: DataConfig
     save: str
     seed: int
-    forward_step: Optional[Callable] = None  # default: language-model loss
-    resume_from: Optional[str] = None  # a training checkpoint to continue
+    objective: Optional[Objective] = None  # default: the language-model loss
+    resume_from: Optional[str] = None  # a training checkpoint (version) to continue
+    signature: dict = field(default_factory=dict)  # what defines the run (train/resume.py)
+    override_schedule: bool = False  # resume with new schedule settings (resume_override)
     extra_metrics: dict = field(default_factory=dict)
 
 
@@ -72,31 +85,40 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
+def share_reports(reports: dict[str, float], names) -> dict[str, float]:
+    """Reports live on the last pipeline stage; give every rank the same values (NaN is
+    carried as +inf, so a diverged loss is seen everywhere)."""
+    vals = [reports.get(n, -math.inf) for n in names]
+    t = torch.tensor([math.inf if math.isnan(v) else v for v in vals], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(names, t.tolist()))
+
+
 @torch.no_grad()
-def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) -> float:
-    """Mean token loss over fixed validation batches (every rank of the last stage gets it;
-    the value is broadcast so every rank returns the same number)."""
+def validate(model, forward_step, batches, seq_length: int, shapes_fn=None) -> dict:
+    """Token-mean validation losses ``{name: value}`` over fixed batches, on every rank (the
+    model's train/eval mode is restored afterwards)."""
     from megatron.core import parallel_state as ps
 
+    was_training = model.training
     model.eval()
-    tot = torch.zeros(2, device=comm_device())
+    losses = []
     for mbs in batches:
-        losses = run_schedule(model, forward_step, mbs, seq_length, forward_only=True)
-        if ps.is_pipeline_last_stage():
-            tot += torch.stack([x["lm loss"] for x in losses]).sum(0).float()
+        losses += run_schedule(model, forward_step, mbs, seq_length, True, shapes_fn)
+    reports = {}
     if ps.is_pipeline_last_stage():
-        dist.all_reduce(tot, group=ps.get_data_parallel_group())
-    # The last stage holds the sum; make it known to every rank.
-    dist.all_reduce(tot, op=dist.ReduceOp.MAX)
-    model.train()
-    return (tot[0] / tot[1].clamp(min=1)).item()
+        reports = reduce_reports(losses, ps.get_data_parallel_group())
+    names = [None]
+    if dist.get_rank() == dist.get_world_size() - 1:  # the last rank is on the last stage
+        names = [sorted(reports)]
+    dist.broadcast_object_list(names, src=dist.get_world_size() - 1)
+    model.train(was_training)
+    return share_reports(reports, names[0])
 
 
-def _broadcast_loss(loss: float) -> float:
-    """Train loss lives on the last pipeline stage; share it with everyone for logging."""
-    t = torch.tensor([-math.inf if math.isnan(loss) else loss], device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) -> float:
+    """The mean LM loss over fixed batches (every rank returns the same number)."""
+    return validate(model, forward_step, batches, seq_length)[LM]
 
 
 def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) -> TrainConfig:
@@ -117,6 +139,7 @@ def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) ->
         0 <= cfg.warmup_steps < cfg.steps,
         f"train.warmup_steps={cfg.warmup_steps} must be below train.steps={cfg.steps}",
     )
+    require(cfg.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     if parallel is not None:
         from minitron_mcore.parallel import world_size
 
@@ -131,60 +154,109 @@ def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) ->
     return dataclasses.replace(cfg, min_lr=min_lr)
 
 
-def run_training(job: TrainJob) -> dict:
-    """Train ``job.model`` for ``job.train.steps`` steps; resumable; returns final metrics."""
-    from megatron.core import parallel_state as ps
+def _log_name(name: str) -> str:
+    return name.replace(" ", "_")
 
-    cfg = job.train
-    model = job.model
-    vocab = job.meta.arch.vocab_size
-    forward_step = job.forward_step or lm_forward_step(vocab)
-    use_dist_opt = optim.use_distributed_optimizer(cfg)
-    ddp = optim.wrap_ddp(model, model.config, use_dist_opt)
-    opt = optim.build_optimizer(ddp, cfg, model.config, use_dist_opt)
-    sched = optim.build_scheduler(opt, cfg, cfg.steps)
-    optim.attach_to_config(model.config, ddp, opt)
 
-    start = 0
-    if job.resume_from:
-        # Weights go through the unwrapped model: DDP's state-dict names carry a 'module.' prefix.
-        state = load_training_checkpoint(job.resume_from, model, opt, sched)
-        start = state["iteration"]
-        log0("resumed %s at step %d/%d", job.resume_from, start, cfg.steps)
+class Trainer:
+    """Set-up happens in the constructor; see the module docstring for the pieces."""
 
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    train_ds, valid_ds = build_datasets(
-        job.data,
-        job.tokenizer,
-        cfg.seq_length,
-        job.seed,
-        train_samples=cfg.steps * cfg.global_batch_size,
-        valid_samples=cfg.eval_iters * cfg.global_batch_size,
-    )
-    batches = GlobalBatches(train_ds, cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp)
-    eval_batches = []
-    if valid_ds is not None and cfg.eval_iters > 0:
-        vb = GlobalBatches(valid_ds, cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp)
-        eval_batches = [vb.get(i) for i in range(cfg.eval_iters)]
+    def __init__(self, job: TrainJob):
+        from megatron.core import parallel_state as ps
 
-    tokens_per_step = cfg.global_batch_size * cfg.seq_length
-    log_dir = cfg.log_dir or job.save.rstrip("/") + ".logs"
-    logger = RunLogger(
-        log_dir,
-        cfg.steps,
-        start,
-        tokens_per_step,
-        cfg.tensorboard,
-        cfg.wandb,
-        cfg.wandb_project,
-        job.stage,
-        cfg.log_interval,
-        config=dataclasses.asdict(cfg),
-    )
-    preempt = _Preemption()
-    tok_files = job.tokenizer.files()
+        self.job, cfg = job, job.train
+        self.objective = job.objective or lm_objective(job.meta.arch.vocab_size)
+        use_dist_opt = optim.use_distributed_optimizer(cfg)
+        self.ddp = optim.wrap_ddp(job.model, job.model.config, use_dist_opt)
+        self.opt = optim.build_optimizer(self.ddp, cfg, job.model.config, use_dist_opt)
+        self.sched = optim.build_scheduler(self.opt, cfg, cfg.steps, job.override_schedule)
+        optim.attach_to_config(job.model.config, self.ddp, self.opt)
+        self.model = self.objective.schedule_model(self.ddp)
+        self.start = 0
+        if job.resume_from:
+            # Weights go through the unwrapped model: DDP's names carry a 'module.' prefix.
+            state = load_training_checkpoint(job.resume_from, job.model, self.opt, self.sched)
+            self.start = state["iteration"]
+            log0("resumed %s at step %d/%d", job.resume_from, self.start, cfg.steps)
+        self._build_data(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        self.log_dir = cfg.log_dir or job.save.rstrip("/") + ".logs"
+        self.logger = RunLogger(
+            self.log_dir,
+            cfg.steps,
+            self.start,
+            cfg.global_batch_size * cfg.seq_length,
+            cfg.tensorboard,
+            cfg.wandb,
+            cfg.wandb_project,
+            job.stage,
+            cfg.log_interval,
+            config=dataclasses.asdict(cfg),
+        )
+        self.tok_files = job.tokenizer.files()
 
-    def save(step: int) -> None:
+    def _build_data(self, dp_rank: int, dp: int) -> None:
+        cfg = self.job.train
+        train_ds, valid_ds = build_datasets(
+            self.job.data,
+            self.job.tokenizer,
+            cfg.seq_length,
+            self.job.seed,
+            train_samples=cfg.steps * cfg.global_batch_size,
+            valid_samples=cfg.eval_iters * cfg.global_batch_size,
+        )
+        gbs, mbs = cfg.global_batch_size, cfg.micro_batch_size
+        self.batches = GlobalBatches(train_ds, gbs, mbs, dp_rank, dp)
+        self.eval_batches = []
+        if valid_ds is not None and cfg.eval_iters > 0:
+            vb = GlobalBatches(valid_ds, gbs, mbs, dp_rank, dp)
+            self.eval_batches = [vb.get(i) for i in range(cfg.eval_iters)]
+
+    # -- the pieces
+    def validate(self, forward_step=None, batches=None, model=None) -> dict:
+        """Named validation losses (``forward_step`` default: the objective's; ``model``
+        default: what training runs - another one, e.g. the teacher alone, runs unwidened)."""
+        obj = self.objective
+        step_fn = forward_step or obj.eval_step or obj.forward_step
+        return validate(
+            self.model if model is None else model,
+            step_fn,
+            self.eval_batches if batches is None else batches,
+            self.job.train.seq_length,
+            obj.adjust_tensor_shapes_fn if model is None else None,
+        )
+
+    def train_step(self, step: int) -> dict:
+        """Optimizer step ``step`` (1-based): ``{name: value}`` plus ``lr`` and ``grad_norm``,
+        the same on every rank; one error if the optimised loss is not finite."""
+        obj = self.objective
+        reports, grad_norm, lr = train_step(
+            self.model,
+            self.opt,
+            self.sched,
+            obj.forward_step,
+            self.batches.get(step - 1),
+            self.job.train.seq_length,
+            obj.adjust_tensor_shapes_fn,
+        )
+        names = sorted(reports) if reports else None
+        values = share_reports(reports, self._report_names(names))
+        require(
+            math.isfinite(values[obj.primary]),
+            f"training diverged at step {step} ({obj.primary} {values[obj.primary]}); lower "
+            "train.lr or check the data",
+        )
+        return dict(values, lr=lr, grad_norm=float(grad_norm or 0.0))
+
+    def _report_names(self, local: Optional[list]) -> list:
+        """The training report names (known on the last stage) shared once with every rank."""
+        if getattr(self, "_names", None) is None:
+            names = [local]
+            dist.broadcast_object_list(names, src=dist.get_world_size() - 1)
+            self._names = names[0]
+        return self._names
+
+    def save(self, step: int, final_metrics: Optional[dict] = None) -> None:
+        job, cfg = self.job, self.job.train
         train_state = {
             "iteration": step,
             "consumed_samples": step * cfg.global_batch_size,
@@ -195,84 +267,108 @@ def run_training(job: TrainJob) -> dict:
             "global_batch_size": cfg.global_batch_size,
             "seq_length": cfg.seq_length,
             "seed": job.seed,
+            "signature": job.signature,
         }
+        if final_metrics is not None:
+            train_state["final_metrics"] = final_metrics
         meta = job.meta.with_step(job.stage, iteration=step, steps=cfg.steps)
         meta = dataclasses.replace(meta, train_state=train_state)
-        save_training_checkpoint(job.save, model, opt, sched, meta, train_state, tok_files)
-
-    first_loss = last_loss = float("nan")
-    val_losses = {}
-    if eval_batches and start == 0:
-        val_losses[0] = evaluate(ddp, forward_step, eval_batches, cfg.seq_length)
-        logger.scalars(0, {"valid/loss": val_losses[0]})
-        log0("step 0 validation loss %.4f", val_losses[0])
-    t0, step, preempted = time.time(), start, False
-    try:
-        for step in range(start + 1, cfg.steps + 1):
-            loss, grad_norm, lr = train_step(
-                ddp, opt, sched, forward_step, batches.get(step - 1), cfg.seq_length
-            )
-            loss = _broadcast_loss(loss)
-            require(
-                math.isfinite(loss),
-                f"training diverged at step {step} (loss {loss}); lower train.lr or check the data",
-            )
-            first_loss = loss if math.isnan(first_loss) else first_loss
-            last_loss = loss
-            logger.step(step, loss, lr, float(grad_norm or 0.0))
-            if eval_batches and cfg.eval_interval and step % cfg.eval_interval == 0:
-                val_losses[step] = evaluate(ddp, forward_step, eval_batches, cfg.seq_length)
-                logger.scalars(step, {"valid/loss": val_losses[step]})
-            if preempt.agreed():
-                log0("SIGTERM: saving a checkpoint at step %d and exiting", step)
-                save(step)
-                preempted = True
-                break
-            if step < cfg.steps and cfg.save_interval and step % cfg.save_interval == 0:
-                save(step)
-        if not preempted:
-            if eval_batches and step not in val_losses:
-                val_losses[step] = evaluate(ddp, forward_step, eval_batches, cfg.seq_length)
-                logger.scalars(step, {"valid/loss": val_losses[step]})
-            save(step)
-    finally:
-        preempt.restore()
-        logger.close()
-    elapsed = time.time() - t0
-    done = max(step - start, 0)
-    metrics = {
-        "command": job.stage,
-        "save": job.save,
-        "step": step,
-        "steps": cfg.steps,
-        "preempted": preempted,
-        "first_train_loss": first_loss,
-        "train_loss": last_loss,
-        "tokens_per_s": done * tokens_per_step / max(elapsed, 1e-9),
-        "seconds": round(elapsed, 3),
-        "lr": cfg.lr,
-        "min_lr": cfg.min_lr,
-        "warmup_steps": cfg.warmup_steps,
-        "global_batch_size": cfg.global_batch_size,
-        "log_dir": log_dir,
-        **job.extra_metrics,
-    }
-    if val_losses:
-        metrics["initial_valid_loss"] = val_losses.get(0, val_losses[min(val_losses)])
-        metrics["valid_loss"] = val_losses[max(val_losses)]
-        metrics["valid_ppl"] = math.exp(min(metrics["valid_loss"], 50.0))
-    return metrics
-
-
-def resume_point(save: str, resume: str, overwrite: bool) -> Optional[str]:
-    """Decide between resuming from ``save`` and starting fresh; refuse to clobber outputs."""
-    require(resume in ("auto", "never"), f"resume={resume!r}: use auto or never")
-    if os.path.exists(save):
-        if resume == "auto" and has_train_state(save):
-            return save
-        require(
-            overwrite,
-            f"save={save} already exists and is not a resumable run of this "
-            "command; choose a new directory or pass overwrite=true",
+        save_training_checkpoint(
+            job.save,
+            job.model,
+            self.opt,
+            self.sched,
+            meta,
+            train_state,
+            self.tok_files,
+            cfg.keep_checkpoints,
         )
-    return None
+
+    def _validate_and_log(self, step: int, val: dict) -> None:
+        val[step] = self.validate()
+        primary = self.objective.primary
+        row = {"valid/loss": val[step][primary]}
+        row.update({f"valid/{_log_name(k)}": v for k, v in val[step].items() if k != primary})
+        self.logger.scalars(step, row)
+        log0("step %d validation %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val[step].items()))
+
+    def run(self) -> dict:
+        """Train to ``train.steps`` (from the resumed step); final metrics."""
+        cfg, primary = self.job.train, self.objective.primary
+        val, first, last = {}, None, None
+        if self.eval_batches and self.start == 0:
+            self._validate_and_log(0, val)
+        preempt = _Preemption()
+        t0, step, preempted = time.time(), self.start, False
+        try:
+            for step in range(self.start + 1, cfg.steps + 1):
+                values = self.train_step(step)
+                first, last = first or values, values
+                self.logger.step(step, values, primary)
+                if self.eval_batches and cfg.eval_interval and step % cfg.eval_interval == 0:
+                    self._validate_and_log(step, val)
+                if preempt.agreed():
+                    log0("SIGTERM: saving a checkpoint at step %d and exiting", step)
+                    self.save(step)
+                    preempted = True
+                    break
+                if step < cfg.steps and cfg.save_interval and step % cfg.save_interval == 0:
+                    self.save(step)
+            if not preempted:
+                if self.eval_batches and step not in val:
+                    self._validate_and_log(step, val)
+                metrics = self._metrics(step, preempted, first, last, val, t0)
+                self.save(step, final_metrics=metrics)
+        finally:
+            preempt.restore()
+            self.logger.close()
+        if preempted:
+            metrics = self._metrics(step, preempted, first, last, val, t0)
+        return metrics
+
+    def _metrics(self, step, preempted, first, last, val, t0) -> dict:
+        cfg, primary = self.job.train, self.objective.primary
+        elapsed = time.time() - t0
+        done = max(step - self.start, 0)
+        m = {
+            "command": self.job.stage,
+            "save": self.job.save,
+            "step": step,
+            "steps": cfg.steps,
+            "preempted": preempted,
+            "first_train_loss": first[primary] if first else math.nan,
+            "train_loss": last[primary] if last else math.nan,
+            "tokens_per_s": done * cfg.global_batch_size * cfg.seq_length / max(elapsed, 1e-9),
+            "seconds": round(elapsed, 3),
+            "lr": cfg.lr,
+            "min_lr": cfg.min_lr,
+            "warmup_steps": cfg.warmup_steps,
+            "global_batch_size": cfg.global_batch_size,
+            "log_dir": self.log_dir,
+            **self.job.extra_metrics,
+        }
+        if last:
+            m.update({f"train_{_log_name(k)}": v for k, v in last.items() if k in self._names})
+        if val:
+            final = val[max(val)]
+            m["initial_valid_loss"] = val.get(0, val[min(val)])[primary]
+            m["valid_loss"] = final[primary]
+            m["valid_ppl"] = math.exp(min(final.get(LM, final[primary]), 50.0))
+            m.update({f"valid_{_log_name(k)}": v for k, v in final.items()})
+        return m
+
+
+def run_training(job: TrainJob) -> dict:
+    """Train ``job.model`` for ``job.train.steps`` steps; resumable; returns final metrics."""
+    return Trainer(job).run()
+
+
+__all__ = [
+    "TrainJob",
+    "Trainer",
+    "evaluate",
+    "lm_forward_step",
+    "resolve_train_config",
+    "run_training",
+    "validate",
+]

@@ -55,9 +55,10 @@ def build_optimizer(model, cfg: TrainConfig, config, distributed_optimizer: bool
     return get_megatron_optimizer(opt_config, [model])
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, override: bool = False):
     """Megatron's OptimizerParamScheduler: linear warmup, then ``decay_style`` to ``min_lr``
-    at ``total_steps`` (counted in optimizer steps)."""
+    at ``total_steps`` (counted in optimizer steps). ``override``: on resume, these settings
+    replace the checkpoint's (``resume_override``) instead of having to equal them."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     require(
@@ -80,6 +81,8 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
         end_wd=cfg.weight_decay,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=override,
+        use_checkpoint_opt_param_scheduler=not override,
     )
 
 

@@ -1,12 +1,13 @@
 """Training checkpoints: weights + optimizer + scheduler + data position + RNG, for exact resume.
 
-A training checkpoint is an ordinary checkpoint directory (see ``checkpoint.megatron``) with:
+A training checkpoint is an ordinary checkpoint directory (see ``checkpoint.megatron``) whose
+versions are named ``iter_<step>`` and hold, besides the weights:
 
-    CKPT/optim/             optimizer state (dist_checkpointing, sharded like the model)
-    CKPT/train_state.json   iteration, consumed samples, scheduler state, run signature
-    CKPT/rng/rank_N.json    every rank's RNG states (Python, NumPy, torch, Megatron tracker)
+    optim/             optimizer state (dist_checkpointing, sharded like the model)
+    train_state.json   iteration, consumed samples, scheduler state, run signature
+    rng/rank_N.json    every rank's RNG states (Python, NumPy, torch, Megatron tracker)
 
-Everything is written into ``CKPT.partial`` and renamed into place only when complete, so a
+A version becomes current only once complete (``checkpoint.megatron.save_checkpoint``), so a
 crash while saving leaves the previous checkpoint as the latest.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from minitron_mcore.checkpoint.megatron import (
     CheckpointMeta,
     load_weights,
     reading_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from minitron_mcore.errors import require
@@ -40,14 +44,42 @@ TRAIN_STATE = "train_state.json"
 RNG_DIR = "rng"
 
 
+def _resumable(version_dir: str) -> bool:
+    return all(os.path.isfile(os.path.join(version_dir, f)) for f in (META_FILE, TRAIN_STATE))
+
+
+def resume_source(home: str) -> Optional[str]:
+    """The version of checkpoint directory ``home`` a run resumes from, or None.
+
+    Read-only, so every rank reaches the same answer before the process group exists: the
+    newest complete training version, including one a killed save had finished but not yet
+    made current (the next save makes it current, ``checkpoint.megatron.recover_home``)."""
+    home = home.rstrip("/")
+    if os.path.isfile(os.path.join(home, META_FILE)) and _resumable(home):
+        return home  # a single version (an old flat checkpoint, or load=CKPT/iter_N)
+    roots = [home] if os.path.isdir(home) else [home + ".partial"]
+    found = []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for d in os.listdir(root):
+            m = re.match(r"^iter_(\d{7,})$", d)
+            if m and _resumable(os.path.join(root, d)):
+                found.append((int(m.group(1)), os.path.join(root, d)))
+    return max(found)[1] if found else None
+
+
 def has_train_state(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, TRAIN_STATE)) and os.path.isfile(
-        os.path.join(path, META_FILE)
-    )
+    return resume_source(path) is not None
 
 
 def read_train_state(path: str) -> dict:
-    with open(os.path.join(path, TRAIN_STATE)) as f:
+    return read_train_state_at(resolve_checkpoint(path))
+
+
+def read_train_state_at(version_dir: str) -> dict:
+    """``train_state.json`` of one checkpoint version directory."""
+    with open(os.path.join(version_dir, TRAIN_STATE)) as f:
         return json.load(f)
 
 
@@ -94,8 +126,10 @@ def save_training_checkpoint(
     meta: CheckpointMeta,
     train_state: dict,
     tokenizer_files: list[str],
+    keep: int = 2,
 ) -> None:
-    """Collective save of everything needed to resume; atomic on the directory level."""
+    """Collective save of everything needed to resume, as version ``iter_<step>``; the
+    ``keep`` newest versions are kept."""
     from megatron.core import dist_checkpointing
 
     def extra(tmp: str) -> None:
@@ -117,15 +151,18 @@ def save_training_checkpoint(
             with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                 json.dump(state, f, indent=2)
 
-    save_checkpoint(model, path, meta, tokenizer_files, extra=extra)
+    tag = f"iter_{int(train_state['iteration']):07d}"
+    save_checkpoint(model, path, meta, tokenizer_files, extra=extra, tag=tag, keep=keep)
 
 
 def load_training_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and (same world size) RNG state from ``path``."""
-    from megatron.core import dist_checkpointing
+    from minitron_mcore.checkpoint.safe_load import dist_load
 
     load_weights(model, path)
-    optim_dir = os.path.join(path, OPTIM_DIR)
+    version = resolve_checkpoint(path)
+    train_state = read_train_state_at(version)
+    optim_dir = os.path.join(version, OPTIM_DIR)
     require(
         os.path.isdir(optim_dir),
         f"{path} has no optimizer state ({OPTIM_DIR}/); it cannot "
@@ -134,11 +171,10 @@ def load_training_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     with reading_checkpoint(optim_dir):
         model_sd = model.sharded_state_dict()
         sharded = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
-        state = dist_checkpointing.load(sharded, optim_dir)
+        state = dist_load(sharded, optim_dir)
     optimizer.load_state_dict(state)
-    train_state = read_train_state(path)
     scheduler.load_state_dict(train_state["scheduler"])
-    rng_file = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank()}.json")
+    rng_file = os.path.join(version, RNG_DIR, f"rank_{dist.get_rank()}.json")
     if train_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
         with open(rng_file) as f:
             _set_rng_state(json.load(f))

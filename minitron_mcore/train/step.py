@@ -1,19 +1,30 @@
-"""One optimizer step over a global batch with Megatron's pipeline schedules."""
+"""One optimizer step (or one validation pass) over a global batch with Megatron's schedules.
+
+Losses follow Megatron's per-token contract (``calculate_per_token_loss``): a ``loss_func``
+returns ``(loss sum, token count, {name: [sum, count], ...})``. The dict may report several
+named values (``lm loss``, ``kd loss`` ...); they are summed over micro-batches and
+data-parallel ranks and divided once, so every figure is an exact token mean.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 
 from minitron_mcore.train.losses import lm_loss_per_token, masked_mean
+
+LM = "lm loss"
 
 
 def _lm_loss_func(vocab_size, labels, loss_mask, output):
     """Megatron's per-token-loss contract: (loss sum, token count, {name: [sum, count]})."""
     total, count = masked_mean(lm_loss_per_token(output, labels, vocab_size), loss_mask)
     report = torch.stack([total.detach(), count.detach()])
-    return total, count.to(torch.int), {"lm loss": report}
+    return total, count.to(torch.int), {LM: report}
 
 
 def lm_forward_step(vocab_size: int):
@@ -28,25 +39,58 @@ def lm_forward_step(vocab_size: int):
     return step
 
 
-def reduce_lm_loss(losses: list[dict]) -> float:
-    """Mean token loss of one step over micro-batches and data-parallel ranks (last PP stage;
-    other stages return NaN). Returned on every rank of the last stage."""
-    from megatron.core import parallel_state as ps
+@dataclass
+class Objective:
+    """What a training stage optimises, as the engine sees it.
 
+    ``forward_step`` / ``eval_step`` are Megatron ``forward_step_func``s (training, validation;
+    validation may report more or fewer values); ``primary`` is the report name that is
+    optimised (logged as ``train/loss``, checked for divergence); ``model`` maps the DDP-wrapped
+    student to what the schedules run (a teacher/student pair for distillation);
+    ``adjust_tensor_shapes_fn`` widens the tensors sent between pipeline stages."""
+
+    forward_step: Callable
+    eval_step: Optional[Callable] = None
+    primary: str = LM
+    model: Optional[Callable] = None
+    adjust_tensor_shapes_fn: Optional[Callable] = None
+
+    def schedule_model(self, ddp):
+        return self.model(ddp) if self.model is not None else ddp
+
+
+def lm_objective(vocab_size: int) -> Objective:
+    return Objective(forward_step=lm_forward_step(vocab_size))
+
+
+def reduce_reports(losses: list[dict], group=None) -> dict[str, float]:
+    """``{name: token mean}`` over micro-batches (and ``group``, e.g. data-parallel ranks) of
+    the last pipeline stage; ``{}`` elsewhere. Every rank of ``group`` must call it."""
     if not losses:
-        return float("nan")
-    tot = torch.stack([x["lm loss"] for x in losses]).sum(0)
-    torch.distributed.all_reduce(tot, group=ps.get_data_parallel_group())
-    return (tot[0] / tot[1].clamp(min=1)).item()
+        return {}
+    names = sorted(losses[0])
+    tot = torch.stack([torch.stack([x[n] for x in losses]).sum(0).float() for n in names])
+    if group is not None:
+        torch.distributed.all_reduce(tot, group=group)  # [names, 2]
+    return {n: (tot[i, 0] / tot[i, 1].clamp(min=1)).item() for i, n in enumerate(names)}
 
 
 def run_schedule(
-    model, forward_step, microbatches: list[dict], seq_length: int, forward_only: bool
+    model,
+    forward_step,
+    microbatches: list[dict],
+    seq_length: int,
+    forward_only: bool,
+    adjust_tensor_shapes_fn=None,
 ) -> list[dict]:
     """Megatron's pipeline schedule over this rank's micro-batches; returns the per-micro-batch
     loss reports (last pipeline stage; empty elsewhere)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    kw = {}
+    if adjust_tensor_shapes_fn is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+        kw["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn  # only the 1F1B schedule takes it
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
@@ -55,18 +99,27 @@ def run_schedule(
         seq_length=seq_length,
         micro_batch_size=microbatches[0]["tokens"].shape[0],
         forward_only=forward_only,
+        **kw,
     )
 
 
-def train_step(model, optimizer, scheduler, forward_step, microbatches, seq_length: int):
+def train_step(
+    model, optimizer, scheduler, forward_step, microbatches, seq_length: int, shapes_fn=None
+):
     """Forward/backward over ``microbatches`` (this DP rank's share of the global batch), then
-    one optimizer and scheduler step. Returns (loss, grad_norm, lr)."""
+    one optimizer and scheduler step. Returns (reports, grad_norm, lr); ``reports`` is
+    ``{name: token mean}`` on the last pipeline stage, ``{}`` elsewhere."""
+    from megatron.core import parallel_state as ps
+
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_schedule(model, forward_step, microbatches, seq_length, forward_only=False)
+    losses = run_schedule(model, forward_step, microbatches, seq_length, False, shapes_fn)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    return reduce_lm_loss(losses), grad_norm, lr
+    reports = {}
+    if ps.is_pipeline_last_stage():
+        reports = reduce_reports(losses, ps.get_data_parallel_group())
+    return reports, grad_norm, lr
