@@ -73,6 +73,12 @@ COMMANDS = {
             "structured width/depth pruning of a checkpoint with importance scores",
         ),
         Command(
+            "distill",
+            "minitron_mcore.stages.distill:distill",
+            "minitron_mcore.stages.distill:DistillConfig",
+            "retrain a pruned student against a teacher with knowledge distillation",
+        ),
+        Command(
             "evaluate",
             "minitron_mcore.evaluate:evaluate",
             "minitron_mcore.evaluate:EvaluateConfig",

@@ -121,6 +121,7 @@ def prune(cfg: PruneCommandConfig) -> dict:
             scores=cfg.scores and os.path.abspath(cfg.scores),
             scores_agg=(cfg.prune.agg or (scores.default_agg if scores else None)),
             source_checkpoint=os.path.abspath(cfg.load),
+            source_checkpoint_id=meta.checkpoint_id,
         )
         new_meta = dataclasses.replace(meta, arch=plan.dst, prune_plan=record, train_state=None)
         new_meta = new_meta.with_step(

@@ -1,0 +1,1 @@
+"""Knowledge distillation: vocab-parallel KD losses and the teacher/student pairing."""

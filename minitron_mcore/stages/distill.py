@@ -1,0 +1,184 @@
+"""``minitron distill``: retrain a pruned student against a (corrected) teacher with knowledge
+distillation (Minitron, arXiv 2407.14679 sec. 2.4; 2408.11796 sec. 3).
+
+    minitron distill load=runs/student teacher=runs/teacher-corrected save=runs/student-kd \\
+        data.train=[my.jsonl] train.steps=1000 train.lr=1e-4
+    torchrun --nproc-per-node 4 -m minitron_mcore distill load=STUDENT teacher=TEACHER \\
+        save=OUT data.train=[DATA] parallel.tp=2 parallel.pp=2
+
+The teacher is loaded from its own checkpoint (any width and depth), frozen, optionally in
+lower precision (``distill.teacher_dtype``), and sharded on the student's TP/PP layout; the
+loss is the forward KL between their vocab-parallel logits at temperature 1 (the papers'
+choice; ``distill.*`` selects reverse KL, top-k, temperature, a CE mix). Training is the engine
+``pretrain`` and ``correct`` use: resume, SIGTERM, logs, checkpoints and ``train.*`` keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from minitron_mcore.checkpoint.megatron import load_model, read_meta
+from minitron_mcore.data.datasets import DataConfig, require_data
+from minitron_mcore.data.preprocess import resolve_tokenizer_path
+from minitron_mcore.data.tokenizer import Tokenizer
+from minitron_mcore.distill import checks
+from minitron_mcore.distill.losses import MODES, KDSpec
+from minitron_mcore.distill.objective import kd_objective
+from minitron_mcore.errors import require
+from minitron_mcore.models.build import resolve_dtype
+from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.stages.common import (
+    check_tokenizer_vocab,
+    dtype_name,
+    finished_run,
+    train_dtype,
+    training_model_kwargs,
+)
+from minitron_mcore.train.config import TrainConfig
+from minitron_mcore.train.loop import Trainer, TrainJob, resolve_train_config
+from minitron_mcore.train.resume import plan_resume, run_signature
+from minitron_mcore.train.step import lm_forward_step
+from minitron_mcore.utils.log import emit_metrics, human_count, log0
+
+
+@dataclass
+class DistillOptions:
+    """``distill.*``: the KD loss and the teacher's precision."""
+
+    temperature: float = 1.0
+    """Softmax temperature of both models (the loss is scaled by T^2); the papers use 1."""
+    mode: str = "forward"
+    """forward: KL(teacher || student), the papers' choice; reverse: KL(student || teacher)."""
+    top_k: int = 0
+    """> 0: distil only the teacher's k most likely tokens (renormalised; forward mode)."""
+    ce_weight: float = 0.0
+    """Weight of the student's cross entropy with the data, added to the KD loss."""
+    chunk_tokens: int = 1024
+    """Tokens per chunk of the loss: both models' logits exist for this many tokens at a time
+    (the output layers are applied inside the chunks)."""
+    teacher_dtype: str = "auto"
+    """auto (the student's training precision), fp32 or bf16."""
+
+
+@dataclass
+class DistillConfig:
+    """``minitron distill``: knowledge distillation of a student from a teacher."""
+
+    load: str = ""
+    """The student checkpoint (typically written by ``minitron prune``)."""
+    teacher: str = ""
+    """The teacher checkpoint (typically the corrected one the student was pruned from)."""
+    save: str = ""
+    """Output checkpoint (resumed automatically if it holds this run's state)."""
+    distill: DistillOptions = field(default_factory=DistillOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234
+    resume: str = "auto"
+    """auto: continue from ``save`` if it holds this run; never: start over."""
+    resume_override: list = field(default_factory=list)
+    """Keys allowed to differ from the saved run on resume (train/resume.py)."""
+    overwrite: bool = False
+
+
+def _spec(opts: DistillOptions, vocab_size: int) -> KDSpec:
+    require(opts.mode in MODES, f"distill.mode={opts.mode!r}: use one of {MODES}")
+    require(opts.temperature > 0, "distill.temperature must be positive")
+    require(opts.top_k >= 0 and opts.ce_weight >= 0, "distill.top_k / ce_weight must be >= 0")
+    require(
+        not (opts.top_k and opts.mode != "forward"),
+        "distill.top_k works with distill.mode=forward only",
+    )
+    require(opts.chunk_tokens > 0, "distill.chunk_tokens must be positive")
+    return KDSpec(vocab_size, opts.temperature, opts.mode, opts.top_k, opts.ce_weight)
+
+
+def _teacher_dtype(opts: DistillOptions, student_dtype):
+    if opts.teacher_dtype == "auto":
+        return student_dtype
+    require(
+        opts.teacher_dtype in ("fp32", "bf16"),
+        f"distill.teacher_dtype={opts.teacher_dtype!r}: use auto, fp32 or bf16",
+    )
+    return resolve_dtype(opts.teacher_dtype)
+
+
+def _check_teacher(trainer: Trainer, teacher, teacher_path: str, vocab: int) -> dict:
+    """The teacher's LM loss on the first validation batch (the load check) and on the whole
+    validation set (logged once)."""
+    batches = trainer.eval_batches or [trainer.batches.get(0)]
+    step = lm_forward_step(vocab)
+    first = trainer.validate(forward_step=step, batches=batches[:1], model=teacher)["lm loss"]
+    checks.check_teacher_loss(first, vocab, teacher_path)
+    full = trainer.validate(forward_step=step, batches=batches, model=teacher)["lm loss"]
+    log0("teacher %s: validation loss %.4f (first batch %.4f)", teacher_path, full, first)
+    trainer.logger.scalars(trainer.start, {"valid/teacher_lm_loss": full})
+    return {"teacher_first_batch_loss": first, "teacher_valid_loss": full}
+
+
+def distill(cfg: DistillConfig) -> dict:
+    require(bool(cfg.teacher), "teacher= is empty; pass the teacher checkpoint directory")
+    smeta, tmeta = read_meta(cfg.load), read_meta(cfg.teacher)
+    checks.check_layout(smeta.arch, tmeta.arch, cfg.parallel.tp, cfg.parallel.pp)
+    train = resolve_train_config(cfg.train, smeta.arch.max_position_embeddings, cfg.parallel)
+    require(
+        train.seq_length <= tmeta.arch.max_position_embeddings,
+        f"train.seq_length={train.seq_length} exceeds the teacher's maximum sequence length",
+    )
+    require_data(cfg.data)
+    tokenizer = Tokenizer(resolve_tokenizer_path(cfg.load))
+    teacher_tok = Tokenizer(resolve_tokenizer_path(cfg.teacher))
+    checks.check_tokenizers(tokenizer, teacher_tok, smeta.arch, tmeta.arch)
+    check_tokenizer_vocab(tokenizer, smeta.arch.vocab_size)
+    spec = _spec(cfg.distill, smeta.arch.vocab_size)
+    dtype = train_dtype(train.precision)
+    teacher_dtype = _teacher_dtype(cfg.distill, dtype)
+    signature = run_signature(
+        "distill",
+        train,
+        cfg.data,
+        cfg.seed,
+        dtype_name(dtype),
+        load=smeta.checkpoint_id,
+        teacher=tmeta.checkpoint_id,
+        distill=dataclasses.asdict(cfg.distill),
+    )
+    plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
+    if plan.finished:
+        return finished_run(plan, cfg.save)
+    pruned_from_teacher = checks.check_provenance(smeta, tmeta, cfg.teacher)
+    with parallel_context(cfg.parallel, cfg.seed):
+        log0(
+            "distill: student %s (%s params) <- teacher %s (%s params, %s), %s KL, T=%g",
+            cfg.load,
+            human_count(smeta.arch.num_params()),
+            cfg.teacher,
+            human_count(tmeta.arch.num_params()),
+            dtype_name(teacher_dtype),
+            spec.mode,
+            spec.temperature,
+        )
+        student, _ = load_model(cfg.load, dtype, **training_model_kwargs(train))
+        teacher, _ = load_model(cfg.teacher, teacher_dtype)
+        job = TrainJob(
+            stage="distill",
+            model=student,
+            meta=dataclasses.replace(smeta, dtype=dtype_name(dtype)),
+            tokenizer=tokenizer,
+            train=train,
+            data=cfg.data,
+            save=cfg.save,
+            seed=cfg.seed,
+            objective=kd_objective(teacher, spec, cfg.distill.chunk_tokens),
+            resume_from=plan.source,
+            signature=signature,
+            override_schedule=plan.override_schedule,
+            extra_metrics={"teacher": cfg.teacher, "pruned_from_teacher": pruned_from_teacher},
+        )
+        trainer = Trainer(job)
+        job.extra_metrics.update(_check_teacher(trainer, teacher, cfg.teacher, spec.vocab_size))
+        metrics = trainer.run()
+    emit_metrics(metrics, cfg.save)
+    return metrics

@@ -1,0 +1,212 @@
+"""`minitron distill` end to end: sharded steps equal the unsharded one (teacher wider and deeper
+than the student), the checks before training, and exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, _env, canonical_weights, minitron, read_log
+
+from minitron_mcore.train.state import read_train_state
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer_dir, corpora, tmp_path_factory):
+    """A 4-layer Llama trained briefly on stdlib code (a teacher must beat a uniform guess)."""
+    save = str(tmp_path_factory.mktemp("kd") / "teacher")
+    minitron(
+        "pretrain",
+        "model=tiny-llama",
+        f"tokenizer={tokenizer_dir}",
+        f"save={save}",
+        f"data.train=[{corpora['stdlib-code']}]",
+        "train.steps=40",
+        "train.seq_length=64",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.lr=3e-3",
+        "train.warmup_steps=4",
+        "train.eval_iters=0",
+    )
+    return save
+
+
+@pytest.fixture(scope="module")
+def student(teacher, corpora, tmp_path_factory):
+    """Pruned from the teacher in width (hidden 64->48, ffn 96->64) and depth (4->2 layers)."""
+    root = tmp_path_factory.mktemp("kd_student")
+    scores, save = str(root / "scores"), str(root / "student")
+    minitron(
+        "importance",
+        f"load={teacher}",
+        f"save={scores}",
+        f"data.train=[{corpora['stdlib-code']}]",
+        "importance.num_samples=8",
+        "importance.seq_length=64",
+        "importance.layer_loss_samples=4",
+    )
+    minitron(
+        "prune",
+        f"load={teacher}",
+        f"scores={scores}",
+        f"save={save}",
+        "prune.target.hidden_size=48",
+        "prune.target.ffn_hidden_size=64",
+        "prune.target.num_layers=2",
+        "prune.depth_metric=layer_loss",
+    )
+    return save
+
+
+def _distill_args(student, teacher, data, save, steps, *extra):
+    return [
+        "distill",
+        f"load={student}",
+        f"teacher={teacher}",
+        f"save={save}",
+        f"data.train=[{data}]",
+        f"train.steps={steps}",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.seq_length=64",
+        "train.eval_iters=0",
+        "train.precision=fp32",
+        "distill.chunk_tokens=48",
+        *extra,
+    ]
+
+
+def _one_step(student, teacher, data, save, tp=1, pp=1, nproc=1, extra=()):
+    args = _distill_args(student, teacher, data, save, 1, *extra)
+    minitron(*args, f"parallel.tp={tp}", f"parallel.pp={pp}", nproc=nproc)
+    (row,) = [r for r in read_log(save + ".logs/train_log.jsonl") if "train/loss" in r]
+    return row, canonical_weights(save)
+
+
+@pytest.fixture(scope="module")
+def reference_step(student, teacher, corpora, tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("kd_ref") / "out")
+    return _one_step(student, teacher, corpora["stdlib-code"], save)
+
+
+@pytest.mark.parametrize(
+    "tp,pp,nproc,extra",
+    [
+        (2, 1, 2, ()),
+        (1, 2, 2, ()),
+        (1, 1, 2, ("train.distributed_optimizer=true",)),
+        (2, 2, 4, ()),
+    ],
+    ids=["tp2", "pp2", "dp2-distopt", "tp2-pp2"],
+)
+def test_sharded_step_equals_unsharded(
+    student, teacher, corpora, reference_step, tmp_path, tp, pp, nproc, extra
+):
+    ref_row, ref_w = reference_step
+    row, w = _one_step(
+        student, teacher, corpora["stdlib-code"], str(tmp_path / "out"), tp, pp, nproc, extra
+    )
+    for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
+        assert abs(row[key] - ref_row[key]) / abs(ref_row[key]) <= 1e-4, (key, row, ref_row)
+    assert ref_row["train/loss"] > 0 and ref_w.keys() == w.keys()
+    for k in ref_w:
+        rel = (w[k] - ref_w[k]).abs().max() / ref_w[k].abs().max()
+        assert rel <= 1e-4, (k, rel.item())
+
+
+def test_distillation_lowers_kd_loss_and_keeps_the_student_shape(
+    student, teacher, corpora, tmp_path
+):
+    save = str(tmp_path / "kd")
+    r = minitron(
+        *_distill_args(student, teacher, corpora["stdlib-code"], save, 12),
+        "train.eval_iters=2",
+        "train.eval_interval=6",
+    )
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["pruned_from_teacher"] is True
+    assert m["teacher_valid_loss"] < m["valid_lm_loss"]  # the teacher is the better model
+    assert m["valid_kd_loss"] < 0.7 * m["initial_valid_loss"], m
+    logged = read_log(save + ".logs/train_log.jsonl")
+    assert any("valid/teacher_lm_loss" in x for x in logged)
+    assert all("train/lm_loss" in x for x in logged if "train/loss" in x)
+    with open(os.path.join(save, "minitron.json")) as f:
+        assert json.load(f)["arch"]["hidden_size"] == 48
+
+
+def _one_error(r):
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_checks_before_training(student, teacher, llama_ckpt, corpora, tmp_path):
+    from minitron_mcore.testing.hf_models import make_tokenizer
+
+    data = corpora["stdlib-code"]
+
+    def error_of(teacher_ckpt, save, *extra):
+        args = _distill_args(student, teacher_ckpt, data, f"{tmp_path}/{save}", 2, *extra)
+        return _one_error(minitron(*args, check=False))
+
+    # an untrained teacher (the random tiny Llama): its loss is not below log(V)
+    err = error_of(llama_ckpt, "a")
+    assert "log(vocab)" in err and "teacher=" in err
+    # a layout that does not split the models (2 query groups, TP=4)
+    assert "parallel.tp=4" in error_of(teacher, "b", "parallel.tp=4")
+    # a teacher with another tokenizer
+    other = make_tokenizer(str(tmp_path / "tok2"), vocab_size=300)
+    minitron(
+        "pretrain",
+        "model=tiny-llama",
+        f"tokenizer={other}",
+        f"save={tmp_path}/t2",
+        "data.train=[demo:stdlib-docs]",  # tokenized with its own tokenizer
+        "train.steps=1",
+        "train.warmup_steps=0",
+        "train.seq_length=32",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=4",
+        "train.eval_iters=0",
+        f"data.cache_dir={tmp_path}/cache",
+    )
+    assert "tokenizer" in error_of(f"{tmp_path}/t2", "c")
+    for d in "abc":
+        assert not os.path.exists(f"{tmp_path}/{d}")
+
+
+def test_sigkill_mid_run_resumes_bitwise(student, teacher, corpora, tmp_path):
+    data = corpora["stdlib-code"]
+    straight = str(tmp_path / "straight")
+    minitron(*_distill_args(student, teacher, data, straight, 8))
+    resumed = str(tmp_path / "resumed")
+    args = _distill_args(student, teacher, data, resumed, 8, "train.save_interval=4")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minitron_mcore", *args],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    tracker = os.path.join(resumed, "minitron.json")
+    deadline = time.time() + 300
+    while not os.path.exists(tracker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_train_state(resumed)["iteration"] == 4, "the run was not stopped mid-way"
+    minitron(*args)
+    assert read_train_state(resumed)["iteration"] == 8
+    a, b = canonical_weights(straight), canonical_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
