@@ -116,10 +116,23 @@ def test_metadata_unpickler_admits_what_torch_writes(trained):
 # The fault points of a 3-step run saving every step (keep 1): the first save builds a new
 # checkpoint directory (points 1-8), the second adds a version and deletes the old (9-16).
 SAVE_POINTS = list(range(1, 17))
+# One point of every kind of state a kill can leave: partial files of a first save, its staged
+# directory, a complete version without tracker, the tracker replaced, the old version half-gone.
+SOME_POINTS = [2, 5, 7, 8, 13, 15, 16]
 
 
 @pytest.mark.multiproc
+def test_kill_at_each_kind_of_point_of_a_save(llama_ckpt, corpora, tmp_path):
+    _kill_at(SOME_POINTS, llama_ckpt, corpora, tmp_path)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_kill_at_every_point_of_a_save(llama_ckpt, corpora, tmp_path):
+    _kill_at(SAVE_POINTS, llama_ckpt, corpora, tmp_path)
+
+
+def _kill_at(kill_points, llama_ckpt, corpora, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     save = str(work / "run")
@@ -159,10 +172,10 @@ def test_kill_at_every_point_of_a_save(llama_ckpt, corpora, tmp_path):
         "gc:removed",
     ]
     out = tmp_path / "result.json"
-    points = ",".join(map(str, SAVE_POINTS))
+    points = ",".join(map(str, kill_points))
     launch([os.path.join(WORKERS, "save_kill.py"), str(out), str(work), points, *args], timeout=900)
     results = json.loads(out.read_text())
-    assert [r["point"] for r in results] == SAVE_POINTS
+    assert [r["point"] for r in results] == kill_points
     for r in results:
         assert r["killed"], r
         # Killed in the first save: no checkpoint yet, or step 1 complete. In the second: the

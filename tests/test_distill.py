@@ -59,8 +59,7 @@ def student(teacher, corpora, tmp_path_factory):
         f"save={save}",
         "prune.target.hidden_size=48",
         "prune.target.ffn_hidden_size=64",
-        "prune.target.num_layers=2",
-        "prune.depth_metric=layer_loss",
+        "prune.drop_layers=[1,2]",  # kept [0, 3]: at PP=2 each stage pairs with its teacher part
     )
     return save
 
@@ -93,29 +92,53 @@ def _one_step(student, teacher, data, save, tp=1, pp=1, nproc=1, extra=()):
 
 
 @pytest.fixture(scope="module")
-def reference_step(student, teacher, corpora, tmp_path_factory):
-    save = str(tmp_path_factory.mktemp("kd_ref") / "out")
-    return _one_step(student, teacher, corpora["stdlib-code"], save)
+def reference_steps(student, teacher, corpora, tmp_path_factory):
+    """The unsharded step, per set of distill.* options (computed once each)."""
+    cache = {}
+
+    def get(options):
+        if options not in cache:
+            save = str(tmp_path_factory.mktemp("kd_ref") / "out")
+            cache[options] = _one_step(
+                student, teacher, corpora["stdlib-code"], save, extra=options
+            )
+        return cache[options]
+
+    return get
+
+
+HIDDEN = ("distill.intermediate_weight=0.5",)
 
 
 @pytest.mark.parametrize(
-    "tp,pp,nproc,extra",
+    "tp,pp,nproc,extra,options",
     [
-        (2, 1, 2, ()),
-        (1, 2, 2, ()),
-        (1, 1, 2, ("train.distributed_optimizer=true",)),
-        (2, 2, 4, ()),
+        (2, 1, 2, (), ()),
+        (1, 2, 2, (), ()),
+        (1, 1, 2, ("train.distributed_optimizer=true",), ()),
+        (2, 2, 4, (), ()),
+        (2, 1, 2, (), HIDDEN),
+        (1, 2, 2, (), HIDDEN + ("distill.intermediate_layers=[1]",)),
     ],
-    ids=["tp2", "pp2", "dp2-distopt", "tp2-pp2"],
+    ids=["tp2", "pp2", "dp2-distopt", "tp2-pp2", "tp2-hidden", "pp2-hidden"],
 )
 def test_sharded_step_equals_unsharded(
-    student, teacher, corpora, reference_step, tmp_path, tp, pp, nproc, extra
+    student, teacher, corpora, reference_steps, tmp_path, tp, pp, nproc, extra, options
 ):
-    ref_row, ref_w = reference_step
+    ref_row, ref_w = reference_steps(options)
     row, w = _one_step(
-        student, teacher, corpora["stdlib-code"], str(tmp_path / "out"), tp, pp, nproc, extra
+        student,
+        teacher,
+        corpora["stdlib-code"],
+        str(tmp_path / "out"),
+        tp,
+        pp,
+        nproc,
+        extra + options,
     )
-    for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
+    keys = ["train/loss", "train/lm_loss", "train/grad_norm"]
+    keys += ["train/hidden_loss"] if options else []
+    for key in keys:
         assert abs(row[key] - ref_row[key]) / abs(ref_row[key]) <= 1e-4, (key, row, ref_row)
     assert ref_row["train/loss"] > 0 and ref_w.keys() == w.keys()
     for k in ref_w:

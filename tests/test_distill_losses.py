@@ -127,3 +127,28 @@ def test_tensor_parallel_equals_reference(tp, tmp_path):
         _close(got["chunked_loss"], got["unchunked_loss"])
         _close(got["chunked_grad_h"], res[name]["unchunked_grad_h"])
         _close(got["chunked_grad_w"], res[name]["unchunked_grad_w"])
+
+
+def test_hidden_state_layer_map_and_projection():
+    """Pairs follow the prune plan's kept layers (else proportionally); a projection that
+    starts as the prune plan's channel selection gives zero loss on the unpruned channels."""
+    from minitron_mcore.distill import intermediate as inter
+
+    plan = {"kept_layers": [0, 3, 5]}
+    assert inter.layer_pairs(3, 6, plan, [0, 1, 2]) == [(0, 0), (1, 3), (2, 5)]
+    assert inter.layer_pairs(2, 4, None, [0, 1]) == [(0, 1), (1, 3)]
+    kept = [0, 2, 5]
+    g = torch.Generator().manual_seed(4)
+    h_t = torch.randn(5, 2, 8, generator=g)
+    h_t[..., [1, 3, 4, 6, 7]] = 0.0  # the teacher's signal lives in the kept channels
+    h_s = h_t[..., kept].clone()
+    student = torch.nn.Module()
+    student.dummy = torch.nn.Parameter(torch.zeros(1))
+    inter.attach_projections(student, [(0, 0)], 3, 8, kept)
+    proj = student.kd_projection["0"]
+    mask = torch.ones(2, 5)
+    assert inter.cosine_loss_sum(h_s, h_t, mask, proj).item() < 1e-6
+    worse = inter.cosine_loss_sum(h_s.flip(-1), h_t, mask, proj)
+    assert worse.item() > 0.1
+    worse.backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0

@@ -8,18 +8,54 @@ with the data, for monitoring). Validation reports the same two values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 
+from minitron_mcore.distill.intermediate import LayerOutputs, cosine_loss_sum
 from minitron_mcore.distill.losses import KDSpec, chunked_kd
 from minitron_mcore.distill.pair import TeacherStudent, output_weight
 from minitron_mcore.train.step import LM, Objective
 
 KD = "kd loss"
+HIDDEN = "hidden loss"
 
 
-def _kd_loss_func(pair: TeacherStudent, spec: KDSpec, chunk: int, batch, teacher_hidden, out):
+@dataclass
+class HiddenLoss:
+    """Intermediate hidden-state losses of the last stage (``distill.intermediate``)."""
+
+    pairs: list  # (student layer, teacher layer)
+    student_out: LayerOutputs
+    teacher_out: LayerOutputs
+    weight: float
+    balance: bool
+
+    def take(self):
+        return self.student_out.take(), self.teacher_out.take()
+
+    def loss_sum(self, student, outs, mask) -> torch.Tensor:
+        s_out, t_out = outs
+        projs = getattr(student, "kd_projection", None)
+        total = sum(
+            cosine_loss_sum(s_out[j], t_out[i], mask, projs[str(j)] if projs else None)
+            for j, i in self.pairs
+        )
+        return total / len(self.pairs)
+
+
+def _kd_loss_func(
+    pair: TeacherStudent,
+    spec: KDSpec,
+    chunk: int,
+    hidden: Optional[HiddenLoss],
+    batch,
+    teacher_hidden,
+    layer_outs,
+    out,
+):
     """Last stage: ``out`` [s, b, h_s] and ``teacher_hidden`` [s, b, h_t] -> loss sum."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
@@ -44,25 +80,33 @@ def _kd_loss_func(pair: TeacherStudent, spec: KDSpec, chunk: int, batch, teacher
         group=ps.get_tensor_model_parallel_group(),
     )
     count = mask.sum().to(kd_sum.dtype)
-    report = {
-        KD: torch.stack([kd_sum.detach(), count]),
-        LM: torch.stack([lm_sum.detach(), count]),
-    }
-    return kd_sum, count.to(torch.int), report
+    report = {LM: torch.stack([lm_sum.detach(), count])}
+    total = kd_sum
+    if hidden is not None:
+        hid = hidden.loss_sum(pair.student, layer_outs, batch["loss_mask"])
+        scale = kd_sum.detach() / hid.detach().clamp(min=1e-12) if hidden.balance else 1.0
+        total = kd_sum + hidden.weight * scale * hid
+        report[HIDDEN] = torch.stack([hid.detach().to(count.dtype), count])
+    report[KD] = torch.stack([total.detach(), count])
+    return total, count.to(torch.int), report
 
 
-def kd_forward_step(spec: KDSpec, chunk_tokens: int):
+def kd_forward_step(spec: KDSpec, chunk_tokens: int, hidden: Optional[HiddenLoss] = None):
     def step(data_iterator, pair: TeacherStudent):
         batch = next(data_iterator)
         out = pair(batch["tokens"], batch["position_ids"], None)
         teacher_hidden = getattr(pair, "teacher_hidden", None)
         pair.teacher_hidden = None  # one micro-batch of teacher state at a time
-        return out, partial(_kd_loss_func, pair, spec, chunk_tokens, batch, teacher_hidden)
+        outs = hidden.take() if hidden is not None else None
+        loss = partial(_kd_loss_func, pair, spec, chunk_tokens, hidden, batch, teacher_hidden, outs)
+        return out, loss
 
     return step
 
 
-def kd_objective(teacher, spec: KDSpec, chunk_tokens: int) -> Objective:
+def kd_objective(
+    teacher, spec: KDSpec, chunk_tokens: int, hidden: Optional[HiddenLoss] = None
+) -> Objective:
     """Training and validation of the student against ``teacher`` (this rank's stage)."""
     holder = {}
 
@@ -73,7 +117,7 @@ def kd_objective(teacher, spec: KDSpec, chunk_tokens: int) -> Objective:
     def widen(recv, send):
         return holder["pair"].widen(recv, send)
 
-    step = kd_forward_step(spec, chunk_tokens)
+    step = kd_forward_step(spec, chunk_tokens, hidden)
     return Objective(
         forward_step=step,
         eval_step=step,

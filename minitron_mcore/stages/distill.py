@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
 from minitron_mcore.data.datasets import DataConfig, require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.distill import checks
+from minitron_mcore.distill import intermediate as inter
 from minitron_mcore.distill.losses import MODES, KDSpec
-from minitron_mcore.distill.objective import kd_objective
+from minitron_mcore.distill.objective import HiddenLoss, kd_objective
 from minitron_mcore.errors import require
 from minitron_mcore.models.build import resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context
@@ -59,6 +61,14 @@ class DistillOptions:
     (the output layers are applied inside the chunks)."""
     teacher_dtype: str = "auto"
     """auto (the student's training precision), fp32 or bf16."""
+    intermediate_weight: float = 0.0
+    """Weight of the hidden-state (cosine) losses between student and teacher layers; 0 = off
+    (logit-only KD, the papers' choice)."""
+    intermediate_layers: list = field(default_factory=list)
+    """Student layers (0-based) whose outputs are matched; empty = every student layer on the
+    last pipeline stage. Teacher layers come from the prune plan's layer map."""
+    intermediate_balance: bool = True
+    """Rescale the hidden-state loss to the logit loss's magnitude before weighting."""
 
 
 @dataclass
@@ -118,6 +128,36 @@ def _check_teacher(trainer: Trainer, teacher, teacher_path: str, vocab: int) -> 
     return {"teacher_first_batch_loss": first, "teacher_valid_loss": full}
 
 
+def _hidden_loss(opts: DistillOptions, student, teacher, smeta, tmeta) -> Optional[HiddenLoss]:
+    """The intermediate losses of this rank (last pipeline stage only), projections attached
+    to the student before DDP wraps it."""
+    from megatron.core import parallel_state as ps
+
+    if not opts.intermediate_weight:
+        return None
+    require(opts.intermediate_weight > 0, "distill.intermediate_weight must be >= 0")
+    layers = [int(j) for j in opts.intermediate_layers]
+    if not layers and ps.is_pipeline_last_stage():
+        layers = sorted(inter.local_layers(student))
+    if not ps.is_pipeline_last_stage():
+        return None
+    pairs = inter.layer_pairs(
+        smeta.arch.num_layers, tmeta.arch.num_layers, smeta.prune_plan, layers
+    )
+    inter.check_on_stage(pairs, student, teacher)
+    hidden_kept = (smeta.prune_plan or {}).get("hidden")
+    h_s, h_t = smeta.arch.hidden_size, tmeta.arch.hidden_size
+    inter.attach_projections(student, pairs, h_s, h_t, hidden_kept)
+    s_layers, t_layers = inter.local_layers(student), inter.local_layers(teacher)
+    return HiddenLoss(
+        pairs,
+        inter.LayerOutputs(s_layers, [j for j, _ in pairs]),
+        inter.LayerOutputs(t_layers, [i for _, i in pairs]),
+        opts.intermediate_weight,
+        opts.intermediate_balance,
+    )
+
+
 def distill(cfg: DistillConfig) -> dict:
     require(bool(cfg.teacher), "teacher= is empty; pass the teacher checkpoint directory")
     smeta, tmeta = read_meta(cfg.load), read_meta(cfg.teacher)
@@ -162,6 +202,7 @@ def distill(cfg: DistillConfig) -> dict:
         )
         student, _ = load_model(cfg.load, dtype, **training_model_kwargs(train))
         teacher, _ = load_model(cfg.teacher, teacher_dtype)
+        hidden = _hidden_loss(cfg.distill, student, teacher, smeta, tmeta)
         job = TrainJob(
             stage="distill",
             model=student,
@@ -171,7 +212,7 @@ def distill(cfg: DistillConfig) -> dict:
             data=cfg.data,
             save=cfg.save,
             seed=cfg.seed,
-            objective=kd_objective(teacher, spec, cfg.distill.chunk_tokens),
+            objective=kd_objective(teacher, spec, cfg.distill.chunk_tokens, hidden),
             resume_from=plan.source,
             signature=signature,
             override_schedule=plan.override_schedule,
