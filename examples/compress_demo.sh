@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The Minitron pipeline as far as it goes today (distillation lands next), on the built-in demo
-# corpus, on CPU, in a few minutes:
+# The Minitron pipeline on the built-in demo corpus, on CPU, in a few minutes:
 #   1. pretrain a small Llama-3-style model on demo:stdlib-code and export it to Hugging Face
 #      format: it stands in for "your Hugging Face model";
 #   2. import it into a Megatron checkpoint split over 2 tensor-parallel processes;
 #   3. teacher correction on the distillation data (demo:stdlib-docs), papers' recipe;
 #   4. activation importance on calibration samples, at TP=2;
 #   5. prune width (hidden 128->96, ffn 384->256, heads 8->4) and depth (4->3 layers);
-#   6. evaluate teacher and student on held-out data;
-#   7. export the student to Hugging Face format and run it with stock transformers.
+#   6. evaluate teacher and pruned student on held-out data;
+#   7. retrain the student by knowledge distillation from the corrected teacher (TP=2);
+#   8. evaluate the distilled student: the pruned and distilled losses side by side;
+#   9. export the distilled student to Hugging Face format and run it with stock transformers.
 #
 #   bash examples/compress_demo.sh [RUN_DIR]
 set -euo pipefail
@@ -53,7 +54,27 @@ EVAL=("$DATA" data.valid=[demo:stdlib-docs] seq_length=128 iters=8 global_batch_
 minitron evaluate load="$RUN/teacher-corrected" "${EVAL[@]}"
 minitron evaluate load="$RUN/student" "${EVAL[@]}"
 
-echo "== 7. export the student and run it with transformers"
-minitron export-hf load="$RUN/student" save="$RUN/student-hf"
+echo "== 7. retrain the student by distillation from the corrected teacher (TP=2)"
+"${TP2[@]}" distill load="$RUN/student" teacher="$RUN/teacher-corrected" save="$RUN/student-kd" \
+  "$DATA" data.train=[demo:stdlib-docs] train.steps=80 train.lr=3e-3 train.min_lr=3e-4 \
+  train.warmup_steps=8 train.seq_length=128 train.global_batch_size=16 train.micro_batch_size=8 \
+  train.eval_iters=0 parallel.tp=2
+
+echo "== 8. evaluate the distilled student"
+minitron evaluate load="$RUN/student-kd" "${EVAL[@]}"
+python - "$RUN" <<'PY'
+import json, sys
+run = sys.argv[1]
+rows = [("teacher (corrected)", "teacher-corrected"), ("student, pruned", "student"),
+        ("student, distilled", "student-kd")]
+print(f"{'model':<22} {'valid loss':>10} {'ppl':>9}   (demo:stdlib-docs)")
+for name, d in rows:
+    with open(f"{run}/{d}.eval/metrics.json") as f:
+        m = json.load(f)
+    print(f"{name:<22} {m['valid_loss']:>10.4f} {m['valid_ppl']:>9.2f}")
+PY
+
+echo "== 9. export the distilled student and run it with transformers"
+minitron export-hf load="$RUN/student-kd" save="$RUN/student-hf"
 python "$HERE/run_hf.py" "$RUN/student-hf" "Return the"
-echo "compress demo: ok - outputs in $RUN (student checkpoint: $RUN/student, HF: $RUN/student-hf)"
+echo "compress demo: ok - outputs in $RUN (student checkpoint: $RUN/student-kd, HF: $RUN/student-hf)"

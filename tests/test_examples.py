@@ -29,17 +29,22 @@ def test_quickstart(tmp_path):
 
 
 def test_compress_demo(tmp_path):
-    """The whole pipeline so far on the demo corpus: the student is smaller, costs some loss
-    before retraining, and its export runs in stock transformers."""
+    """The whole pipeline on the demo corpus: the student is smaller, costs some loss before
+    retraining, distillation wins most of it back, and its export runs in stock transformers."""
     out = _run("compress_demo.sh", str(tmp_path / "demo"))
     metrics = [json.loads(line) for line in out if line.startswith("{")]
     by_cmd = {}
     for m in metrics:
         by_cmd.setdefault(m["command"], []).append(m)
-    teacher, student = by_cmd["evaluate"]
+    teacher, student, distilled = by_cmd["evaluate"]
     prune = by_cmd["prune"][0]
     assert prune["params_after"] < 0.6 * prune["params_before"]
     assert prune["arch"]["num_layers"] == 3 and prune["arch"]["hidden_size"] == 96
     assert 0 < teacher["valid_loss"] < student["valid_loss"] < teacher["valid_loss"] + 2.0
+    # distillation recovers a large part of what pruning cost
+    assert distilled["valid_loss"] < student["valid_loss"] - 0.5 * (
+        student["valid_loss"] - teacher["valid_loss"]
+    ), (teacher, student, distilled)
+    assert any(line.startswith("student, distilled") for line in out)
     assert any("LlamaForCausalLM" in line for line in out)
     assert out[-1].startswith("compress demo: ok")
