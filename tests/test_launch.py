@@ -290,10 +290,12 @@ def _stub_bin(tmp_path, scontrol_hosts=None):
 
 
 def _script_env(tmp_path, bin_dir, **extra):
+    # Nothing of the caller's that changes what the launchers run (a dry run, a container).
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT")
+        if not k.startswith(("SLURM_", "CONTAINER_", "SRUN_"))
+        and k not in ("MASTER_ADDR", "MASTER_PORT", "DRY_RUN")
     }
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STUB_DIR=str(tmp_path), **extra)
     return env
