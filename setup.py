@@ -24,10 +24,20 @@ setup(
         "hydra-core>=1.3,<1.4",
         "psutil",
         "tqdm",
+        "matplotlib",  # the pipeline report's plots
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff"],
         "logging": ["tensorboard", "wandb"],
+        # lm-evaluation-harness (`minitron evaluate lm_eval_tasks=[...]`, `minitron-lm-eval`);
+        # accelerate only for lm-eval's own `hf` model (scoring an export-hf copy alike).
+        "eval": ["lm-eval==0.4.13", "accelerate>=0.26"],
     },
-    entry_points={"console_scripts": ["minitron=minitron_mcore.cli:entry"]},
+    entry_points={
+        "console_scripts": [
+            "minitron=minitron_mcore.cli:entry",
+            # lm-eval's CLI with the `minitron` model registered (lm-eval has no model plugins)
+            "minitron-lm-eval=minitron_mcore.evaluate.lm_eval_cli:main",
+        ]
+    },
 )

@@ -351,8 +351,18 @@ def build_datasets(
     return train_ds, valid_ds
 
 
-def build_eval_dataset(cfg: DataConfig, tok: Tokenizer, seq_length: int, seed: int, samples: int):
-    """A validation GPTDataset from ``data.valid`` (or, if empty, all of ``data.train``)."""
+def build_eval_dataset(
+    cfg: DataConfig,
+    tok: Tokenizer,
+    seq_length: int,
+    seed: int,
+    samples: int,
+    held_out: bool = False,
+):
+    """A validation GPTDataset from ``data.valid`` (or, if empty, all of ``data.train``).
+
+    ``held_out``: without ``data.valid``, only the validation share of ``data.train`` under
+    ``data.split`` - the documents training held out (``build_datasets`` splits the same way)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -361,11 +371,15 @@ def build_eval_dataset(cfg: DataConfig, tok: Tokenizer, seq_length: int, seed: i
     require_data(cfg, evaluation=True)
     blend = resolve_blend(cfg.valid or cfg.train, tok, cfg)
     _check_size(blend[0], seq_length)
+    if held_out and not cfg.valid:
+        where = dict(blend=blend, split=cfg.split)
+    else:
+        where = dict(blend_per_split=[None, blend, None])
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         tokenizer=tok,
-        blend_per_split=[None, blend, None],
+        **where,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
