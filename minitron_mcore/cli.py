@@ -85,6 +85,12 @@ COMMANDS = {
             "validation loss / perplexity of a checkpoint",
         ),
         Command(
+            "pipeline",
+            "minitron_mcore.pipeline.runner:run_pipeline",
+            "minitron_mcore.pipeline.config:PipelineConfig",
+            "the whole method in one resumable run, with report.md",
+        ),
+        Command(
             "export-hf",
             "minitron_mcore.checkpoint.convert:export_hf",
             "minitron_mcore.checkpoint.convert:ExportHFConfig",
@@ -131,6 +137,8 @@ def compose(command: str, overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     cmd = COMMANDS[command]
+    # `pipeline.from.<stage>=PATH`: `from` is a Python keyword, so the field is `from_`.
+    overrides = [re.sub(r"^\+*pipeline\.from\.", "++pipeline.from_.", o) for o in overrides]
     schema_name = f"{command.replace('-', '_')}_schema"
     ConfigStore.instance().store(name=schema_name, node=cmd.resolve("schema"))
     try:

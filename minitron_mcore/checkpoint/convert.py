@@ -122,13 +122,20 @@ def import_hf(cfg: ImportHFConfig) -> dict:
 
 
 def export_hf(cfg: ExportHFConfig) -> dict:
-    t0 = time.time()
-    meta = read_meta(cfg.load)
-    check_save_target(cfg.save, cfg.overwrite)
     require(
         world_size() == 1,
         "export-hf runs in a single process; launch it without torchrun",
     )
+    metrics = write_hf_export(cfg)
+    emit_metrics(metrics, cfg.save)
+    return metrics
+
+
+def write_hf_export(cfg: ExportHFConfig) -> dict:
+    """The export itself (one process; ``minitron pipeline`` calls it on rank 0)."""
+    t0 = time.time()
+    meta = read_meta(cfg.load)
+    check_save_target(cfg.save, cfg.overwrite)
     arch = meta.arch
     dtype_name = meta.dtype if cfg.dtype == "auto" else cfg.dtype
     dtype = resolve_dtype(dtype_name)
@@ -159,7 +166,6 @@ def export_hf(cfg: ExportHFConfig) -> dict:
         "save": cfg.save,
     }
     log0("exported %s -> %s", cfg.load, cfg.save)
-    emit_metrics(metrics, cfg.save)
     return metrics
 
 

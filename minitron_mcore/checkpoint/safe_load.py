@@ -168,7 +168,7 @@ class SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
             allow_shape_mismatch_sharded_tensors=loose_shapes,
             checkpoint_dir=str(checkpoint_dir),
         )
-        dcp.load_state_dict(pyt_state_dict, reader, planner=planner)
+        dcp.load(pyt_state_dict, storage_reader=reader, planner=planner)
         self.cached_global_metadata = reader.read_metadata()
         loaded = {k: mst._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
         loaded = mst._replace_sharded_keys_with_state_dict_keys(loaded, flat_map, rename_map)

@@ -67,3 +67,52 @@ def write_demo(name: str, out_dir: str, max_docs: int | None = None) -> str:
                 break
     os.replace(tmp, path)
     return path
+
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def bpe_tokenizer(out_dir: str, texts, vocab_size: int = 512) -> str:
+    """Train a byte-level BPE tokenizer on ``texts`` with ``tokenizers`` and save it in Hugging
+    Face format (``<pad>``, ``<s>``, ``</s>`` special tokens; ``</s>`` ends documents)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def train_tokenizer(
+    out_dir: str, corpora: list, vocab_size: int = 512, max_chars: int = 2_000_000
+) -> str:
+    """A BPE tokenizer for a model trained from scratch on ``corpora`` (``demo:<name>`` or text
+    / JSONL files), from their first ``max_chars`` characters."""
+    import tempfile
+
+    from minitron_mcore.data.preprocess import iter_documents
+
+    def texts():
+        total = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            for c in corpora:
+                path = write_demo(c[5:], tmp) if str(c).startswith("demo:") else str(c)
+                for doc in iter_documents([path], "text", "file"):
+                    yield doc
+                    total += len(doc)
+                    if total >= max_chars:
+                        return
+
+    return bpe_tokenizer(out_dir, texts(), vocab_size)

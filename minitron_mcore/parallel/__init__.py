@@ -261,14 +261,20 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def parallel_context(parallel: ParallelConfig, seed: int = 1234):
+    """Process group + model-parallel groups for one command. Re-entrant: inside an outer
+    context (``minitron pipeline`` runs every stage in one process group) the groups are
+    rebuilt for this layout and seed, and the process group is left to the outer owner."""
+    owner = not dist.is_initialized()
     try:
         init_parallel(parallel, seed)
         yield
     except MinitronError as e:
-        _compare_error_with_rank0(e)
+        if owner:
+            _compare_error_with_rank0(e)
         raise
     finally:
-        shutdown()
+        if owner:
+            shutdown()
 
 
 # ------------------------------------------------------------------- one message per error

@@ -90,24 +90,9 @@ def stdlib_texts(max_files: int = 40, max_chars: int = 400_000) -> list[str]:
 
 def make_tokenizer(out_dir: str, vocab_size: int = 512, texts: list[str] | None = None) -> str:
     """Train a small byte-level BPE tokenizer locally and save it in HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from minitron_mcore.data.demo import bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts or stdlib_texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.save_pretrained(out_dir)
-    return out_dir
+    return bpe_tokenizer(out_dir, texts or stdlib_texts(), vocab_size)
 
 
 def make_hf_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +54,20 @@ def log_all(msg: str, *args) -> None:
     _LOGGER.info("[rank %d] " + msg, rank(), *args)
 
 
+_ECHO = [True]
+
+
+@contextlib.contextmanager
+def echo_metrics(on: bool):
+    """Whether :func:`emit_metrics` also prints (``minitron pipeline`` prints one summary line
+    per stage instead of each command's JSON line; ``metrics.json`` is written either way)."""
+    old, _ECHO[0] = _ECHO[0], on
+    try:
+        yield
+    finally:
+        _ECHO[0] = old
+
+
 def emit_metrics(metrics: dict, out_dir: str | None) -> None:
     """The command-line contract: one JSON line on stdout and ``metrics.json`` in ``out_dir``."""
     if rank() != 0:
@@ -64,8 +79,9 @@ def emit_metrics(metrics: dict, out_dir: str | None) -> None:
         with open(tmp, "w") as f:
             f.write(line + "\n")
         os.replace(tmp, os.path.join(out_dir, "metrics.json"))
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    if _ECHO[0]:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 # Megatron warns at import about optional accelerators that a CPU run never has; one line each per

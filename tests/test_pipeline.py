@@ -1,0 +1,229 @@
+"""`minitron pipeline` end to end on a tiny configuration: the report matches the checkpoints,
+distillation improves both students, a kill during distillation resumes to the same students,
+finished steps are skipped, a changed step is refused, a failing variant spares the others,
+and the papers' recipes dry-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, _env, canonical_weights, minitron
+
+pytestmark = pytest.mark.multiproc
+
+TINY = [
+    "pretrain.model.num_layers=4",
+    "pretrain.model.hidden_size=64",
+    "pretrain.model.ffn_hidden_size=128",
+    "pretrain.model.num_attention_heads=4",
+    "pretrain.model.num_query_groups=2",
+    "pretrain.model.kv_channels=16",
+    "pretrain.model.vocab_size=300",
+    "pretrain.train.steps=150",
+    "pretrain.train.global_batch_size=8",
+    "pretrain.train.micro_batch_size=4",
+    "pretrain.train.seq_length=64",
+    "pretrain.train.eval_iters=1",
+    "correct.train.steps=10",
+    "correct.train.warmup_steps=2",
+    "correct.train.global_batch_size=8",
+    "correct.train.micro_batch_size=4",
+    "correct.train.seq_length=64",
+    "correct.train.eval_iters=1",
+    "importance.num_samples=16",
+    "importance.seq_length=64",
+    "importance.micro_batch_size=4",
+    "importance.layer_loss_samples=8",
+    "students.0.target.hidden_size=48",
+    "students.0.target.ffn_hidden_size=64",
+    "students.1.target.num_layers=2",
+    "distill.train.steps=40",
+    "distill.train.warmup_steps=2",
+    "distill.train.global_batch_size=8",
+    "distill.train.micro_batch_size=4",
+    "distill.train.seq_length=64",
+    "distill.train.eval_iters=1",
+    "distill.train.eval_interval=20",
+    "distill.train.save_interval=20",
+    "distill.train.lr=1e-3",
+    "evaluate.seq_length=64",
+    "evaluate.global_batch_size=8",
+    "evaluate.micro_batch_size=4",
+    "evaluate.iters=2",
+    "evaluate.generate_tokens=8",
+    "evaluate.lm_eval_tasks=[]",  # (scored in tests/test_lm_eval.py)
+]
+
+
+def _pipeline(run_dir, *extra, check=True):
+    return minitron("pipeline", f"run_dir={run_dir}", *TINY, *extra, check=check)
+
+
+def _marker(run_dir, step):
+    with open(os.path.join(run_dir, "stages", f"{step}.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("pipeline") / "run")
+    r = _pipeline(run_dir)
+    return run_dir, r
+
+
+def _hf_valid_loss(run_dir, hf_dir, corpus_key):
+    """The exported model's loss in stock transformers on the held-out samples `evaluate`
+    scored (rebuilt here with the same dataset code and seed)."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset
+    from minitron_mcore.data.tokenizer import Tokenizer
+
+    rec = _marker(run_dir, f"evaluate.{corpus_key}")
+    c = rec["config"]
+    data = DataConfig(**c["data"])
+    tok = Tokenizer(hf_dir)
+    samples = c["iters"] * c["global_batch_size"]
+    ds = build_eval_dataset(data, tok, c["seq_length"], c["seed"], samples, held_out=True)
+    batches = GlobalBatches(ds, c["global_batch_size"], c["micro_batch_size"], 0, 1)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tot = cnt = 0.0
+    with torch.no_grad():
+        for i in range(c["iters"]):
+            for mb in batches.get(i):
+                logits = model(mb["tokens"]).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), mb["labels"], reduction="none"
+                )
+                tot += float((loss * mb["loss_mask"]).sum())
+                cnt += float(mb["loss_mask"].sum())
+    return tot / cnt, rec["metrics"]["valid_loss"]
+
+
+def test_report_matches_the_checkpoints_and_distillation_helps(finished):
+    run_dir, r = finished
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["command"] == "pipeline" and not summary["failed"]
+    report = open(os.path.join(run_dir, "report.md")).read()
+    for name in ("teacher-corrected", "width.pruned", "width.distilled", "depth.distilled"):
+        assert f"`{name}`" in report
+    for png in ("training_curves", "students_valid", "layer_importance", "kept_fraction"):
+        assert os.path.getsize(os.path.join(run_dir, "plots", f"{png}.png")) > 1000
+        assert f"plots/{png}.png" in report
+    assert "minitron distill load=" in report and "minitron correct load=" in report
+    for v in ("width", "depth"):
+        got, reported = _hf_valid_loss(
+            run_dir, os.path.join(run_dir, "hf", v), f"{v}.distilled.distill"
+        )
+        assert abs(got - reported) <= 1e-3, (v, got, reported)
+        assert f"{reported:.4f}" in report
+        pruned = _marker(run_dir, f"evaluate.{v}.pruned.distill")["metrics"]["valid_loss"]
+        assert reported < pruned, (v, reported, pruned)
+        gen = _marker(run_dir, f"export.{v}")["metrics"]["gen_tokens_per_s"]
+        assert gen > 0
+
+
+def test_rerun_is_a_no_op_and_a_changed_step_is_refused(finished):
+    run_dir, _ = finished
+    before = os.path.getmtime(os.path.join(run_dir, "stages", "distill.width.json"))
+    r = _pipeline(run_dir)
+    assert "running distill" not in r.stderr and "done    distill.width" in r.stderr
+    assert os.path.getmtime(os.path.join(run_dir, "stages", "distill.width.json")) == before
+    r = _pipeline(run_dir, "distill.train.lr=2e-3", check=False)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert "distill.width" in errors[0] and "pipeline.rerun_from=distill.width" in errors[0]
+
+
+def test_kill_during_distillation_resumes_to_the_same_students(finished, tmp_path):
+    ref_dir, _ = finished
+    run_dir = str(tmp_path / "run")
+    args = ["pipeline", f"run_dir={run_dir}", *TINY]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minitron_mcore", *args],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    mid = os.path.join(run_dir, "students", "width", "distilled", "minitron.json")
+    deadline = time.time() + 900
+    while not os.path.exists(mid) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(run_dir, "stages", "distill.width.json"))
+    minitron(*args)
+    for v in ("width", "depth"):
+        a = canonical_weights(os.path.join(ref_dir, "students", v, "distilled"))
+        b = canonical_weights(os.path.join(run_dir, "students", v, "distilled"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (v, k)
+
+
+def test_failing_variant_spares_the_others(finished, tmp_path):
+    """A third student whose prune step fails at run time; the finished steps of the run are
+    reused (pipeline.from) and the other students are unaffected."""
+    ref_dir, _ = finished
+    run_dir = str(tmp_path / "run")
+    r = _pipeline(
+        run_dir,
+        f"pipeline.from.teacher={ref_dir}/teacher",
+        f"pipeline.from.correct={ref_dir}/teacher-corrected",
+        f"pipeline.from.importance={ref_dir}/scores",
+        "students.0.agg=nope-nope",
+        "pipeline.skip=[evaluate,export]",
+        check=False,
+    )
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "width" in errors[0], r.stderr[-3000:]
+    assert os.path.exists(os.path.join(run_dir, "stages", "distill.depth.json"))
+    assert not os.path.exists(os.path.join(run_dir, "stages", "distill.width.json"))
+    assert "Failed student variants" in open(os.path.join(run_dir, "report.md")).read()
+    assert not os.path.exists(os.path.join(run_dir, "teacher"))  # fed, not rebuilt
+
+
+@pytest.mark.parametrize(
+    "recipe,want",
+    [
+        (
+            "minitron-4b-width",
+            [
+                "peak lr 0.0001 -> min lr 1e-05, 40 warmup steps, cosine, 9961 steps x global "
+                "batch 1152 x 8192 tokens",
+                "120 warmup steps, cosine, 13458 steps",
+                "94.00B training tokens",
+            ],
+        ),
+        ("minitron-4b-depth", ["prune.target.num_layers=2", "importance.block_sizes=[1,2]"]),
+        (
+            "mn-minitron-8b",
+            ["peak lr 0.0001 -> min lr 4.5e-07, 60 warmup steps", "380.00B training tokens"],
+        ),
+    ],
+)
+def test_recipes_dry_run(hf_models, tmp_path, recipe, want):
+    """Each paper recipe composes and dry-runs against a tiny teacher (its targets and layout
+    scaled down; the schedules, batches, learning rates and budgets are the paper's)."""
+    tiny = ["parallel.tp=1", "importance.seq_length=64", "evaluate.seq_length=64"]
+    if "depth" in recipe:
+        tiny += ["students.0.target.num_layers=2"]
+    else:
+        tiny += ["students.0.target.hidden_size=48", "students.0.target.ffn_hidden_size=64"]
+    r = minitron(
+        "pipeline",
+        f"+recipe={recipe}",
+        f"run_dir={tmp_path}/run",
+        f"teacher={hf_models['llama']}",
+        "pipeline.dry_run=true",
+        *tiny,
+    )
+    for w in want:
+        assert w in r.stdout, (w, r.stdout[-3000:])
+    assert not os.path.exists(f"{tmp_path}/run")
