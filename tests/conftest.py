@@ -52,6 +52,26 @@ def launch(
     return r
 
 
+def run_and_kill_when(args: list[str], path: str, timeout: int = 900) -> None:
+    """Start ``python -m minitron_mcore *args`` and SIGKILL it the moment ``path`` exists (a
+    crash at a known point of a run, e.g. right after its first checkpoint)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minitron_mcore", *args],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _free_port() -> int:
     import socket
 

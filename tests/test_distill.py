@@ -3,14 +3,10 @@ than the student), the checks before training, and exact resume after SIGKILL.""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, _env, canonical_weights, minitron, read_log
+from conftest import canonical_weights, minitron, read_log, run_and_kill_when
 
 from minitron_mcore.train.state import read_train_state
 
@@ -213,19 +209,8 @@ def test_sigkill_mid_run_resumes_bitwise(student, teacher, corpora, tmp_path):
     minitron(*_distill_args(student, teacher, data, straight, 8))
     resumed = str(tmp_path / "resumed")
     args = _distill_args(student, teacher, data, resumed, 8, "train.save_interval=4")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minitron_mcore", *args],
-        env=_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    tracker = os.path.join(resumed, "minitron.json")
-    deadline = time.time() + 300
-    while not os.path.exists(tracker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # minitron.json (the tracker) appears once the first checkpoint is complete
+    run_and_kill_when(args, os.path.join(resumed, "minitron.json"))
     assert read_train_state(resumed)["iteration"] == 4, "the run was not stopped mid-way"
     minitron(*args)
     assert read_train_state(resumed)["iteration"] == 8

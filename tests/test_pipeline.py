@@ -5,14 +5,10 @@ and the papers' recipes dry-run."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, _env, canonical_weights, minitron
+from conftest import canonical_weights, minitron, run_and_kill_when
 
 pytestmark = pytest.mark.multiproc
 
@@ -144,19 +140,10 @@ def test_kill_during_distillation_resumes_to_the_same_students(finished, tmp_pat
     ref_dir, _ = finished
     run_dir = str(tmp_path / "run")
     args = ["pipeline", f"run_dir={run_dir}", *TINY]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minitron_mcore", *args],
-        env=_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # killed right after the width student's first distillation checkpoint
+    run_and_kill_when(
+        args, os.path.join(run_dir, "students", "width", "distilled", "minitron.json")
     )
-    mid = os.path.join(run_dir, "students", "width", "distilled", "minitron.json")
-    deadline = time.time() + 900
-    while not os.path.exists(mid) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not os.path.exists(os.path.join(run_dir, "stages", "distill.width.json"))
     minitron(*args)
     for v in ("width", "depth"):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, _env, canonical_weights, minitron, read_log
+from conftest import ROOT, _env, canonical_weights, minitron, read_log, run_and_kill_when
 
 from minitron_mcore.train.state import read_train_state
 
@@ -70,19 +70,8 @@ def test_resume_after_sigkill_is_bitwise_exact(llama_ckpt, corpora, tmp_path):
 
     resumed = str(tmp_path / "resumed")
     args = _correct_args(llama_ckpt, data, resumed, 10, ["train.save_interval=5"])
-    proc = subprocess.Popen(
-        [sys.executable] + args,
-        env=_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    tracker = os.path.join(resumed, "minitron.json")  # written once the first save is complete
-    deadline = time.time() + 300
-    while not os.path.exists(tracker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # minitron.json (the tracker) appears once the first checkpoint is complete
+    run_and_kill_when(args[2:], os.path.join(resumed, "minitron.json"))
     assert read_train_state(resumed)["iteration"] == 5, "the run was not stopped mid-way"
     minitron(*args[2:])  # same command again: resumes at step 5
     assert read_train_state(resumed)["iteration"] == 10

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from minitron_mcore.data.datasets import DataConfig
 from minitron_mcore.errors import require
 from minitron_mcore.models.build import resolve_dtype
+from minitron_mcore.parallel import ParallelConfig
+from minitron_mcore.train.config import TrainConfig
+
+
+@dataclass
+class TrainingRunKeys:
+    """The keys every training command shares (``pretrain``, ``correct``, ``distill``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234
+    resume: str = "auto"
+    """auto: continue from ``save`` if it holds this run; never: start over."""
+    resume_override: list = field(default_factory=list)
+    """Keys allowed to differ from the saved run on resume, e.g. [train.steps] to train
+    longer on purpose (train/resume.py)."""
+    overwrite: bool = False
+    """Allow replacing an existing ``save`` that is not resumable."""
 
 
 def train_dtype(precision: str) -> torch.dtype:

@@ -12,16 +12,17 @@ peak LR one fifth of the original model's peak (``lr_fraction``), the original g
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
-from minitron_mcore.data.datasets import DataConfig, require_data
+from minitron_mcore.data.datasets import require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
-from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
+    TrainingRunKeys,
     check_tokenizer_vocab,
     dtype_name,
     finished_run,
@@ -35,7 +36,7 @@ from minitron_mcore.utils.log import emit_metrics, log0
 
 
 @dataclass
-class CorrectConfig:
+class CorrectConfig(TrainingRunKeys):
     """``minitron correct``: fine-tune the teacher on the distillation data."""
 
     load: str = ""
@@ -46,16 +47,6 @@ class CorrectConfig:
     """The original model's peak LR; null = read it from the checkpoint's training record."""
     lr_fraction: float = 0.2
     """Recipe: peak LR = original_lr x lr_fraction (1/5 in the papers)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    seed: int = 1234
-    resume: str = "auto"
-    """auto: continue from ``save`` if it holds this run; never: start over."""
-    resume_override: list = field(default_factory=list)
-    """Keys allowed to differ from the saved run on resume, e.g. [train.steps] to train
-    longer on purpose (train/resume.py)."""
-    overwrite: bool = False
 
 
 def recipe(cfg: CorrectConfig, record: dict) -> TrainConfig:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
-from minitron_mcore.data.datasets import DataConfig, require_data
+from minitron_mcore.data.datasets import require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.distill import checks
@@ -29,15 +29,15 @@ from minitron_mcore.distill.losses import MODES, KDSpec
 from minitron_mcore.distill.objective import HiddenLoss, kd_objective
 from minitron_mcore.errors import require
 from minitron_mcore.models.build import resolve_dtype
-from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
+    TrainingRunKeys,
     check_tokenizer_vocab,
     dtype_name,
     finished_run,
     train_dtype,
     training_model_kwargs,
 )
-from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.loop import Trainer, TrainJob, resolve_train_config
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.train.step import lm_forward_step
@@ -72,7 +72,7 @@ class DistillOptions:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainingRunKeys):
     """``minitron distill``: knowledge distillation of a student from a teacher."""
 
     load: str = ""
@@ -82,15 +82,6 @@ class DistillConfig:
     save: str = ""
     """Output checkpoint (resumed automatically if it holds this run's state)."""
     distill: DistillOptions = field(default_factory=DistillOptions)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    seed: int = 1234
-    resume: str = "auto"
-    """auto: continue from ``save`` if it holds this run; never: start over."""
-    resume_override: list = field(default_factory=list)
-    """Keys allowed to differ from the saved run on resume (train/resume.py)."""
-    overwrite: bool = False
 
 
 def _spec(opts: DistillOptions, vocab_size: int) -> KDSpec:

@@ -13,27 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minitron_mcore.checkpoint.megatron import CheckpointMeta
-from minitron_mcore.data.datasets import DataConfig, require_data
+from minitron_mcore.data.datasets import require_data
 from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
 from minitron_mcore.models.arch import ModelArch
 from minitron_mcore.models.build import build_model_for_stage
-from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
+    TrainingRunKeys,
     dtype_name,
     finished_run,
     train_dtype,
     training_model_kwargs,
 )
-from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.utils.log import emit_metrics, human_count, log0
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingRunKeys):
     """``minitron pretrain``: a new model trained from random initialisation."""
 
     save: str = ""
@@ -42,17 +42,6 @@ class PretrainConfig:
     """Tokenizer directory / SentencePiece .model (stored with the checkpoint)."""
     model: ModelArch = field(default_factory=ModelArch)
     """Model shape; pick a preset with ``model=<name>`` (conf/model/)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    seed: int = 1234
-    resume: str = "auto"
-    """auto: continue from ``save`` if it holds this run; never: start over."""
-    resume_override: list = field(default_factory=list)
-    """Keys allowed to differ from the saved run on resume, e.g. [train.steps] to train
-    longer on purpose (train/resume.py)."""
-    overwrite: bool = False
-    """Allow replacing an existing ``save`` that is not resumable."""
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
