@@ -2,10 +2,14 @@
 
 The model code is Megatron's, untouched: this module only chooses the config and the spec.
 On a GPU with Transformer Engine installed the TE spec (fused layernorm-linear, fused attention)
-is used; otherwise Megatron's local spec, which runs on CPU.
+is used; otherwise Megatron's local spec, which runs on CPU, with its core attention replaced by
+:class:`~minitron_mcore.models.attention.SDPAttention` (PyTorch's fused SDPA kernel instead of
+Megatron's unfused attention).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +44,31 @@ def layer_spec(use_te: bool | None = None):
         use_te = have_transformer_engine()
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return local_layer_spec()
+
+
+def local_layer_spec():
+    """Megatron's local spec (RMSNorm) with ``SDPAttention`` as the self-attention's
+    ``core_attention``; every other submodule is Megatron's."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from minitron_mcore.models.attention import SDPAttention
+
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    attn = spec.submodules.self_attention
+    if attn.submodules.core_attention is not DotProductAttention:
+        # SDPAttention matches DotProductAttention's contract; anything else there is a
+        # Megatron change to look at before swapping it out.
+        raise RuntimeError(
+            f"Megatron's local spec uses {attn.submodules.core_attention} as core attention, "
+            "expected DotProductAttention"
+        )
+    attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+    layer_sub = dataclasses.replace(
+        spec.submodules, self_attention=dataclasses.replace(attn, submodules=attn_sub)
+    )
+    return dataclasses.replace(spec, submodules=layer_sub)
 
 
 def transformer_config(

@@ -48,7 +48,12 @@ def overrides(command: str, config) -> list[str]:
     return [f"{k}={hydra_value(v)}" for k, v in mine.items() if default.get(k, object()) != v]
 
 
+#: keys a reader looks for first, in this order; the rest follow in the config's field order
+LEADING_KEYS = ("load", "teacher", "save", "scores")
+
+
 def command_line(step) -> str:
-    prefix = "minitron" if step.command != "export-hf" else "minitron"
     args = overrides(step.command, step.config)
-    return " ".join([prefix, step.command] + [shlex.quote(a) for a in args])
+    rank = {k: i for i, k in enumerate(LEADING_KEYS)}
+    args.sort(key=lambda a: rank.get(a.split("=", 1)[0], len(rank)))  # stable for the rest
+    return " ".join(["minitron", step.command] + [shlex.quote(a) for a in args])
