@@ -12,6 +12,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from minitron_mcore.checkpoint import hf_io, hf_mapping
 from minitron_mcore.checkpoint.megatron import (
     CheckpointMeta,
@@ -77,7 +79,13 @@ def import_hf(cfg: ImportHFConfig) -> dict:
     dtype = resolve_dtype(dtype_name)
 
     def get(name):
-        return reader.get(name).to(dtype)
+        t = reader.get(name)
+        require(
+            bool(torch.isfinite(t).all()),
+            f"{name} in {cfg.load} holds values that are not finite (NaN or Inf); the model "
+            "is damaged: re-download it or fix the weights before importing",
+        )
+        return t.to(dtype)
 
     with parallel_context(cfg.parallel, cfg.seed):
         log0(

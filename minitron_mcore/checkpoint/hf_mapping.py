@@ -42,6 +42,16 @@ _SIMPLE_LAYER = {
 }
 
 SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_REQUIRED_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
+# Expert counts as Mixtral / Qwen2-MoE / DeepSeek name them; a dense family's config holding
+# them describes weights that the dense mapping would silently drop.
+_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Megatron's built-in Llama-3 RoPE scaling fixes these three values (Llama 3.1 / 3.2 use them).
 _LLAMA3_FIXED = {
     "low_freq_factor": 1.0,
@@ -111,6 +121,18 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         )
     else:
         _require_full_attention_window(cfg)
+    experts = [k for k in _MOE_FIELDS if (cfg.get(k) or 0) > 1]
+    require(
+        not experts,
+        f"mixture-of-experts configs ({', '.join(f'{k}={cfg[k]}' for k in experts)}) are not "
+        "supported; only dense models (remove the expert fields if the weights are dense)",
+    )
+    missing = [k for k in _REQUIRED_FIELDS if cfg.get(k) is None]
+    require(
+        not missing,
+        f"config.json lacks {', '.join(missing)}; re-save the model with transformers "
+        "(save_pretrained writes every field)",
+    )
     theta, factor = _rope_from_hf(cfg)
     heads = cfg["num_attention_heads"]
     return ModelArch(

@@ -153,6 +153,14 @@ def check_save_target(path: str, overwrite: bool) -> None:
         overwrite or not os.path.exists(path),
         f"save={path} already exists; choose a new directory or pass overwrite=true",
     )
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the first existing ancestor is where mkdir starts
+        parent = os.path.dirname(parent)
+    require(
+        os.access(parent, os.W_OK),
+        f"save={path}: {parent} is not writable (read-only or immutable); choose a writable "
+        "directory for save=",
+    )
 
 
 # ---------------------------------------------------------------------------- sharded tensors
@@ -486,6 +494,26 @@ def load_weights(model, path: str) -> None:
     with reading_checkpoint(weights):
         state = dist_load(model.sharded_state_dict(), weights)
     model.load_state_dict(state, strict=True)
+    _require_finite(model, path)
+
+
+def _require_finite(model, path: str) -> None:
+    """NaN/Inf weights would train or evaluate to NaN silently: refuse them (on every rank
+    alike, whichever rank holds the damaged shard)."""
+    import torch.distributed as dist
+
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    flag = torch.tensor([1.0 if bad else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from minitron_mcore.parallel import comm_device
+
+        flag = flag.to(comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    require(
+        flag.item() == 0,
+        f"the weights in {path} hold values that are not finite (NaN or Inf); the "
+        "checkpoint is damaged or came from a diverged run: load an earlier checkpoint",
+    )
 
 
 def load_model(path: str, dtype: Optional[torch.dtype] = None, use_te=None, **config_kw):

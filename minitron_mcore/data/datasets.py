@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -287,11 +288,37 @@ def resolve_blend(entries: list, tok: Tokenizer, cfg: DataConfig):
     return prefixes, weights
 
 
-def _check_size(prefixes: list[str], seq_length: int) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def _open_indexed(prefix: str):
+    """Megatron's IndexedDataset over ``prefix``, or one clear error for an empty, truncated or
+    corrupt ``.bin``/``.idx`` pair (Megatron asserts, and its ``__del__`` of a half-built
+    reader prints a second traceback, so the pair is checked before it is opened)."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
+    redo = "re-create it with `minitron preprocess`"
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(len(_INDEX_HEADER))
+    require(header == _INDEX_HEADER, f"{prefix}.idx is not a Megatron index (bad header); {redo}")
+    require(os.path.getsize(prefix + ".bin") > 0, f"dataset {prefix} is empty; {redo}")
+    try:
+        ds = IndexedDataset(prefix)
+    except (AssertionError, ValueError, OSError, struct.error) as e:
+        raise MinitronError(f"dataset {prefix} is corrupt ({e}); {redo}") from e
+    idx = ds.index
+    need = 0
+    if len(idx.sequence_lengths):
+        need = int(idx.sequence_pointers[-1]) + int(idx.sequence_lengths[-1]) * idx.dtype_size
+    have = os.path.getsize(prefix + ".bin")
+    require(
+        have == need,
+        f"dataset {prefix}.bin holds {have} bytes but its .idx describes {need} (a truncated "
+        f"or mismatched pair); {redo}",
+    )
+    return ds
+
+
+def _check_size(prefixes: list[str], seq_length: int) -> None:
     for p in prefixes:
-        ds = IndexedDataset(p)  # keep it alive: sequence_lengths is a view of its mmap
+        ds = _open_indexed(p)  # keep it alive: sequence_lengths is a view of its mmap
         n = int(ds.sequence_lengths.sum())
         del ds
         require(

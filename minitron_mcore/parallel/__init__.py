@@ -189,6 +189,11 @@ def init_process_group(parallel: ParallelConfig) -> None:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     require(backend in ("nccl", "gloo"), f"parallel.backend={backend!r}: use auto, nccl or gloo")
+    require(
+        backend != "nccl" or torch.cuda.is_available(),
+        "parallel.backend=nccl needs CUDA GPUs and none is visible on this machine; use "
+        "parallel.backend=gloo (or auto) to run on CPU, or check CUDA_VISIBLE_DEVICES",
+    )
     timeout = timedelta(minutes=parallel.timeout_minutes)
     if "RANK" not in os.environ:
         # A plain `minitron ...` run: a one-process group on a free local port.  The environment

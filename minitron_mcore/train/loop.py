@@ -28,7 +28,7 @@ import torch.distributed as dist
 from minitron_mcore.checkpoint.megatron import CheckpointMeta
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datasets
 from minitron_mcore.data.tokenizer import Tokenizer
-from minitron_mcore.errors import require
+from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.parallel import comm_device
 from minitron_mcore.train import optim
 from minitron_mcore.train.config import TrainConfig
@@ -154,6 +154,18 @@ def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) ->
     return dataclasses.replace(cfg, min_lr=min_lr)
 
 
+class Diverged(MinitronError):
+    """The optimised loss of step ``step`` is not finite; that step was not applied."""
+
+    def __init__(self, step: int, what: str, saved: str = ""):
+        self.step, self.what = step, what
+        super().__init__(
+            f"training diverged at step {step} ({what}); the step was not applied"
+            + (f" and the last good step {step - 1} is saved in {saved}" if saved else "")
+            + "; lower train.lr or check the data and the weights for NaN/Inf"
+        )
+
+
 def _log_name(name: str) -> str:
     return name.replace(" ", "_")
 
@@ -228,7 +240,13 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Optimizer step ``step`` (1-based): ``{name: value}`` plus ``lr`` and ``grad_norm``,
         the same on every rank; one error if the optimised loss is not finite."""
-        obj = self.objective
+        obj, values = self.objective, {}
+
+        def finite(reports):  # checked before the update: a NaN loss never reaches the weights
+            names = sorted(reports) if reports else None
+            values.update(share_reports(reports, self._report_names(names)))
+            return math.isfinite(values[obj.primary])
+
         reports, grad_norm, lr = train_step(
             self.model,
             self.opt,
@@ -237,14 +255,10 @@ class Trainer:
             self.batches.get(step - 1),
             self.job.train.seq_length,
             obj.adjust_tensor_shapes_fn,
+            accept=finite,
         )
-        names = sorted(reports) if reports else None
-        values = share_reports(reports, self._report_names(names))
-        require(
-            math.isfinite(values[obj.primary]),
-            f"training diverged at step {step} ({obj.primary} {values[obj.primary]}); lower "
-            "train.lr or check the data",
-        )
+        if not math.isfinite(values[obj.primary]):
+            raise Diverged(step, f"{obj.primary} {values[obj.primary]}")
         return dict(values, lr=lr, grad_norm=float(grad_norm or 0.0))
 
     def _report_names(self, local: Optional[list]) -> list:
@@ -300,9 +314,17 @@ class Trainer:
             self._validate_and_log(0, val)
         preempt = _Preemption()
         t0, step, preempted = time.time(), self.start, False
+        saved = self.start  # the last step with a checkpoint
         try:
             for step in range(self.start + 1, cfg.steps + 1):
-                values = self.train_step(step)
+                try:
+                    values = self.train_step(step)
+                except Diverged as e:  # stop, with a checkpoint of the last good step
+                    if step - 1 > saved:
+                        self.save(step - 1)
+                    if step > 1:
+                        raise Diverged(e.step, e.what, self.job.save) from e
+                    raise
                 first, last = first or values, values
                 self.logger.step(step, values, primary)
                 if self.eval_batches and cfg.eval_interval and step % cfg.eval_interval == 0:
@@ -314,6 +336,7 @@ class Trainer:
                     break
                 if step < cfg.steps and cfg.save_interval and step % cfg.save_interval == 0:
                     self.save(step)
+                    saved = step
             if not preempted:
                 if self.eval_batches and step not in val:
                     self._validate_and_log(step, val)

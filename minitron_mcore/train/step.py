@@ -104,11 +104,20 @@ def run_schedule(
 
 
 def train_step(
-    model, optimizer, scheduler, forward_step, microbatches, seq_length: int, shapes_fn=None
+    model,
+    optimizer,
+    scheduler,
+    forward_step,
+    microbatches,
+    seq_length: int,
+    shapes_fn=None,
+    accept: Optional[Callable[[dict], bool]] = None,
 ):
     """Forward/backward over ``microbatches`` (this DP rank's share of the global batch), then
     one optimizer and scheduler step. Returns (reports, grad_norm, lr); ``reports`` is
-    ``{name: token mean}`` on the last pipeline stage, ``{}`` elsewhere."""
+    ``{name: token mean}`` on the last pipeline stage, ``{}`` elsewhere. ``accept(reports)``,
+    called on every rank between backward and the update, can refuse the step (a loss that is
+    not finite must not reach the weights): then nothing is updated and grad_norm is None."""
     from megatron.core import parallel_state as ps
 
     model.train()
@@ -116,10 +125,12 @@ def train_step(
     optimizer.zero_grad()
     losses = run_schedule(model, forward_step, microbatches, seq_length, False, shapes_fn)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-    ok, grad_norm, _ = optimizer.step()
-    if ok:
-        scheduler.step(increment=1)
     reports = {}
     if ps.is_pipeline_last_stage():
         reports = reduce_reports(losses, ps.get_data_parallel_group())
+    if accept is not None and not accept(reports):
+        return reports, None, lr
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
     return reports, grad_norm, lr
