@@ -289,6 +289,14 @@ def _prune(scores="{scores}", *target, load="{ckpt}") -> Callable:
     return _fmt(["prune", f"load={load}", f"scores={scores}", "save={w}/pruned", *target])
 
 
+def _no_partials(c: Ctx) -> str | None:
+    """A failed save leaves no half-written directory beside its target."""
+    import glob
+
+    left = glob.glob(os.path.join(c.w, "*partial*"))
+    return f"left behind: {left}" if left else None
+
+
 def _no_dir(path_tmpl: str) -> Callable[[Ctx], str | None]:
     def check(ctx):
         p = _fmt([path_tmpl])(ctx)[0]
@@ -709,6 +717,16 @@ CASES: list[Case] = [
         after=_no_dir("{w}/out"),
     ),
     Case(
+        "hf-nan-weights-2ranks",
+        "NaN and Inf values in the HF weights, imported by 2 ranks at TP=2",
+        _import("{hf_bad}", "{w}/out", "parallel.tp=2"),
+        "not finite",
+        prepare=_prep_nan_weights,
+        after=_no_dir("{w}/out"),
+        nproc=2,
+        slow=True,
+    ),
+    Case(
         "hf-no-tokenizer",
         "an HF directory without tokenizer files",
         _import(),
@@ -930,6 +948,19 @@ CASES: list[Case] = [
         prepare=lambda c: c.vars.update(existing=c.existing()),
         env={"MINITRON_FAULT_ENOSPC": "save:weights-written"},
         protect=_paths("{existing}"),
+        after=_no_partials,
+    ),
+    Case(
+        "disk-full-on-save-2ranks",
+        "the same full disk with 2 ranks at TP=2",
+        _import("{hf}", "{existing}", "overwrite=true", "parallel.tp=2"),
+        "no space left on device (simulated); free space there",
+        prepare=lambda c: c.vars.update(existing=c.existing()),
+        env={"MINITRON_FAULT_ENOSPC": "save:weights-written"},
+        protect=_paths("{existing}"),
+        after=_no_partials,
+        nproc=2,
+        slow=True,
     ),
 ]
 

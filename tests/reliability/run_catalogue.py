@@ -33,7 +33,7 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def table(results, fast: bool, seconds: float) -> str:
+def table(results, fast: bool, seconds: float, root: str = "") -> str:
     passed = sum(r.ok for r in results)
     lines = [
         f"{len(results)} cases ({'fast subset' if fast else 'full catalogue'}), {passed} pass, "
@@ -46,6 +46,8 @@ def table(results, fast: bool, seconds: float) -> str:
     for r in results:
         c = r.case
         seen = r.seen or ("(none) " + "; ".join(r.problems))
+        if root:  # the run's temporary directory says nothing; keep the table readable
+            seen = seen.replace(root, "$TMP")
         verdict = "yes" if r.ok else "**no**: " + "; ".join(r.problems)
         if not r.ok and c.xfail:
             verdict = f"known defect: {c.xfail}"
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    text = table(results, args.fast, time.time() - t0)
+    text = table(results, args.fast, time.time() - t0, root)
     if args.no_write or args.only:
         print(text)
     else:
