@@ -917,7 +917,6 @@ CASES: list[Case] = [
         "tokenizer",
         protect=_paths("{ckpt}", "{ckpt_other}"),
         after=_no_dir("{w}/run"),
-        slow=True,
     ),
     # ------------------------------------------------------------------ training failures
     Case(
