@@ -21,29 +21,32 @@ def _log(save: str) -> list[dict]:
 
 
 def training_curves(marks: dict, out: str):
-    """Training loss of teacher correction and of each distillation against steps."""
+    """Two panels against steps: the LM (cross-entropy) training loss of teacher correction and
+    of each distilled student (monitoring), and the KD loss each distillation optimises (on
+    its own scale: a few tenths of a nat, where the LM losses are around 3)."""
     runs = [(k, r) for k, r in marks.items() if k == "correct" or k.startswith("distill.")]
     if not runs:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (lm_ax, kd_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, rec in runs:
-        rows = [x for x in _log(rec["output"]) if "train/loss" in x]
-        ax.plot(
-            [x["step"] for x in rows], [x["train/loss"] for x in rows], label=f"{key} (optimised)"
-        )
-        if key.startswith("distill."):
-            lm = [x for x in rows if "train/lm_loss" in x]
-            ax.plot(
-                [x["step"] for x in lm],
-                [x["train/lm_loss"] for x in lm],
-                "--",
-                label=f"{key} LM loss",
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats)")
-    ax.set_title("Teacher correction and distillation")
-    ax.legend(fontsize=7)
+        rows = _log(rec["output"])
+        if key == "correct":
+            lm = [(x["step"], x["train/loss"]) for x in rows if "train/loss" in x]
+        else:
+            lm = [(x["step"], x["train/lm_loss"]) for x in rows if "train/lm_loss" in x]
+            kd = [(x["step"], x["train/loss"]) for x in rows if "train/loss" in x]
+            if kd:
+                kd_ax.plot(*zip(*kd), label=key)
+        if lm:
+            lm_ax.plot(*zip(*lm), label=key, linewidth=1)
+    lm_ax.set_title("LM loss (correction; students, monitored)")
+    kd_ax.set_title("KD loss (what distillation optimises)")
+    for ax in (lm_ax, kd_ax):
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Teacher correction and distillation")
     return _save(fig, out, "training_curves.png")
 
 

@@ -171,7 +171,8 @@ def _render(cfg, marks: dict, rows: list[dict], figs: list[str]) -> str:
         f"({cfg.evaluate.iters} x {cfg.evaluate.global_batch_size} samples x "
         f"{cfg.evaluate.seq_length} tokens). Generation speed: greedy decoding of "
         f"{cfg.evaluate.generate_tokens} tokens, batch 1, stock `transformers`, on the exported "
-        "model.",
+        "model (the fastest of 3 rounds over 3 prompts). Paths under the directory the pipeline "
+        "was started in are shown relative to it.",
         "",
         *_table(rows),
         "",
@@ -191,4 +192,11 @@ def _render(cfg, marks: dict, rows: list[dict], figs: list[str]) -> str:
             lines.append(f"# {step.id}")
             lines.append(command_line(step))
     lines += ["```", ""]
-    return "\n".join(lines)
+    return _relative_paths("\n".join(lines))
+
+
+def _relative_paths(text: str) -> str:
+    """Paths under the working directory, relative to it: the report (and its commands) stays
+    valid when the project directory is moved or the report is shared, and names no machine."""
+    cwd = os.getcwd().rstrip(os.sep) + os.sep
+    return text.replace(cwd, "") if cwd != os.sep else text
