@@ -28,6 +28,8 @@ def test_quickstart(tmp_path):
     assert out[-1].startswith("quickstart: ok")
 
 
+# ~3 min; `minitron pipeline` (tests/test_pipeline.py) covers the same chain end to end in CI
+@pytest.mark.slow
 def test_compress_demo(tmp_path):
     """The whole pipeline on the demo corpus: the student is smaller, costs some loss before
     retraining, distillation wins most of it back, and its export runs in stock transformers."""
