@@ -32,8 +32,11 @@ that stays active once Megatron has been set up).
     ``clear_refs``, RSS is sampled every 2 ms with psutil (the JSON says which).  Both sides'
     losses and gradient norms are printed: they must agree.  Default ``V`` = 32768 (Mistral
     7B's): every large buffer is ``[n, V]`` or ``[V, h]``, so the ratios depend on ``n``,
-    ``h`` and the chunk, not on ``V``; Llama 3's 128256 at n = 2048 needs ~2 x 10 GiB for
-    the naive side at TP=2 (``--mem-vocab 128256`` to measure it on a larger machine).
+    ``h`` and the chunk, not on ``V``; Llama 3's 128256 needs ~4x the memory for the naive
+    side (``--mem-vocab 128256`` to measure it on a larger machine). Default ``n`` = 1 x 4096
+    tokens, one micro-batch of a 4K-sequence run (the papers train at 8K): the chunked loss's
+    buffers scale with the chunk, the naive loss's with ``n``, so the ratio is about
+    chunk / n plus the gradients both sides produce.
 
 (b) ``--parts speed``: distillation tokens/s, Llama-shaped teacher (8 layers, hidden 512) and a
     width- and depth-pruned student (4 layers, hidden 384, 3 of 4 query groups, ffn 1024),
@@ -115,8 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
     g = p.add_argument_group("(a) memory of the KD loss")
     g.add_argument("--mem-vocab", type=int, default=32768, help="V (see the docstring)")
-    g.add_argument("--mem-micro-batch", type=int, default=2)
-    g.add_argument("--mem-seq-len", type=int, default=1024)
+    g.add_argument("--mem-micro-batch", type=int, default=1)
+    g.add_argument("--mem-seq-len", type=int, default=4096)
     g.add_argument("--mem-student-hidden", type=int, default=1024)
     g.add_argument("--mem-teacher-hidden", type=int, default=1536)
     g.add_argument("--mem-dtype", default="bf16", help="comma list of fp32, bf16 (the inputs)")

@@ -112,11 +112,25 @@ def kd_local(
     T = spec.temperature
     f = torch.promote_types(zs.dtype, torch.float32)  # fp32 for bf16/fp32 input, fp64 kept
     zs, zt = zs.to(f), zt.to(f)
-    ss = (zs / T).masked_fill_(~valid, -math.inf)  # [n, V/tp]
-    st = (zt / T).masked_fill_(~valid, -math.inf)
+    # Every pass over [n, V/tp] fp32 costs memory traffic, so the no-op ones are skipped: the
+    # division when T = 1, the padding fill on ranks whose slice has no padded column, the
+    # "kept" selection when every teacher entry is kept. Inputs are never written to.
+    padded = vocab_start + part > spec.vocab_size
+
+    def scaled(z):
+        out = z / T if T != 1.0 else z
+        if padded:
+            out = (
+                out.masked_fill_(~valid, -math.inf)
+                if T != 1.0
+                else out.masked_fill(~valid, -math.inf)
+            )
+        return out
+
+    ss, st = scaled(zs), scaled(zt)  # [n, V/tp]
     if spec.top_k:
-        st.masked_fill_(zt < _top_k_threshold(zt, spec.top_k, valid, group), -math.inf)
-    kept = torch.isfinite(st)  # entries where log p_t is defined
+        st = st.masked_fill(zt < _top_k_threshold(zt, spec.top_k, valid, group), -math.inf)
+    kept = torch.isfinite(st) if (padded or spec.top_k) else None  # where log p_t is defined
     # Global maxima (the softmax shifts), then partial sums: one collective each.
     m = torch.stack([ss.max(-1).values, st.max(-1).values])  # [2, n]
     want_lm = labels is not None
@@ -127,7 +141,7 @@ def kd_local(
     m = _all_reduce(m, dist.ReduceOp.MAX, group)
     es = torch.exp(ss - m[0, :, None])  # 0 at padded entries
     et = torch.exp(st - m[1, :, None])  # 0 at padded / cut entries
-    diff = torch.where(kept, st - ss, 0.0)  # log-ratio numerators (finite)
+    diff = st - ss if kept is None else torch.where(kept, st - ss, 0.0)  # finite log-ratios
     sums = [es.sum(-1), et.sum(-1), (et * diff).sum(-1)]
     if spec.mode == "reverse":
         sums.append(-(es * diff).sum(-1))
@@ -218,6 +232,9 @@ class _ChunkedKD(torch.autograd.Function):
         grad_w = torch.zeros_like(ws, dtype=f) if need else None
         kd_sum = hs.new_zeros((), dtype=f)
         lm_sum = hs.new_zeros((), dtype=f)
+        # The two gradient matmuls run in the models' dtype (bf16 on bf16 models, as Megatron's
+        # output-layer backward), their sums accumulate in fp32.
+        md = torch.promote_types(hs.dtype, ws.dtype)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             zs = hs[a:b] @ ws.t()  # [c, V/tp]
@@ -229,9 +246,9 @@ class _ChunkedKD(torch.autograd.Function):
             if lm is not None:
                 lm_sum += (lm * w).sum()
             if need:
-                g = g * w[:, None]  # [c, V/tp]
-                grad_h[a:b] = g @ ws.to(f)
-                grad_w += g.t() @ hs[a:b].to(f)
+                g = (g * w[:, None]).to(md)  # [c, V/tp]
+                grad_h[a:b] = g @ ws.to(md)
+                grad_w += g.t() @ hs[a:b].to(md)
             del zs, zt, g
         ctx.save_for_backward(
             grad_h if need else torch.empty(0), grad_w if need else torch.empty(0)
