@@ -415,6 +415,18 @@ def _commit_version(tmp: str, home: str, tag: str, meta: CheckpointMeta, keep: i
     _collect_garbage(home, keep)
 
 
+def _in_process_write_results() -> None:
+    """Megatron's torch_dist writer collects write results in a multiprocessing Manager queue,
+    a server process meant for asynchronous saves that outlives a SIGKILLed run (one orphan per
+    killed process). Saves here are synchronous: an in-process queue does the same job."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(
     model,
     path: str,
@@ -436,6 +448,7 @@ def save_checkpoint(
 
     import torch.distributed as dist
 
+    _in_process_write_results()
     ident = [uuid.uuid4().hex]  # one id for all ranks: it names the version's directory
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(ident, src=0)
