@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in overrides):
             print(_show_config(command))
             return 0
+        if command in ("pretrain", "correct", "distill"):
+            from minitron_mcore.train import defer_sigterm
+
+            defer_sigterm()
         cfg = compose(command, overrides)
         try:
             COMMANDS[command].resolve("target")(cfg)

@@ -30,7 +30,7 @@ from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datase
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.parallel import comm_device
-from minitron_mcore.train import optim
+from minitron_mcore.train import optim, sigterm_received
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.logger import RunLogger
 from minitron_mcore.train.state import load_training_checkpoint, save_training_checkpoint
@@ -69,7 +69,7 @@ class _Preemption:
     """SIGTERM (SLURM preemption / time limit) asks for a checkpoint at the next step."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = sigterm_received()  # one that came before the loop ran
         self._old = signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):

@@ -43,26 +43,36 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from catalogue import ROOT, TRAIN, Ctx, Shared, _fmt, _free_port, env  # noqa: E402
+from catalogue import ROOT, TRAIN, Ctx, Shared, _check, _fmt, _free_port, cli, env  # noqa: E402
 
 # -------------------------------------------------------------------------- shared inputs
 
 
 class FaultShared(Shared):
-    """The catalogue's shared inputs plus a pruned student (for distill)."""
+    """The catalogue's shared inputs plus a briefly trained teacher (distillation checks that
+    the teacher beats a uniform guess) and a student pruned from it."""
+
+    def _build_teacher(self, path):
+        r = cli(
+            ["pretrain", "model=tiny-llama", f"tokenizer={self.get('tok')}", f"save={path}"]
+            + [f"data.train=[{self.get('corpus')}]", "train.steps=30", "train.seq_length=32"]
+            + ["train.global_batch_size=8", "train.micro_batch_size=4", "train.lr=3e-3"]
+            + ["train.warmup_steps=3", "train.eval_iters=0", f"data.cache_dir={path}.cache"]
+        )
+        _check(r, path)
+
+    def _build_teacher_scores(self, path):
+        r = cli(
+            ["importance", f"load={self.get('teacher')}", f"save={path}"]
+            + [f"data.train=[{self.get('corpus')}]", "importance.num_samples=4"]
+            + ["importance.seq_length=32", "importance.layer_loss_samples=4"]
+        )
+        _check(r, path)
 
     def _build_student(self, path):
-        from catalogue import _check, cli
-
         r = cli(
-            [
-                "prune",
-                f"load={self.get('ckpt')}",
-                f"scores={self.get('scores')}",
-                f"save={path}",
-                "prune.target.hidden_size=48",
-                "prune.target.ffn_hidden_size=64",
-            ]
+            ["prune", f"load={self.get('teacher')}", f"scores={self.get('teacher_scores')}"]
+            + [f"save={path}", "prune.target.hidden_size=48", "prune.target.num_layers=3"]
         )
         _check(r, path)
 
@@ -90,7 +100,7 @@ class Stage:
 
 
 PIPELINE = [
-    "teacher={hf}",
+    "teacher={teacher}",
     "data.original=[{corpus}]",
     "data.distill=[{corpus}]",
     "correct.train.steps=2",
@@ -176,19 +186,19 @@ STAGES: list[Stage] = [
     Stage(
         "distill",
         _fmt(
-            ["distill", "load={student}", "teacher={ckpt}", "save={w}/out"]
+            ["distill", "load={student}", "teacher={teacher}", "save={w}/out"]
             + ["data.train=[{corpus}]", *TRAIN_RUN]
         ),
         "ckpt",
         training=True,
-        needs=("student", "ckpt", "corpus"),
+        needs=("student", "teacher", "corpus"),
     ),
     Stage("export-hf", _fmt(["export-hf", "load={ckpt}", "save={w}/out"]), "hf", needs=("ckpt",)),
     Stage(
         "pipeline",
         _fmt(["pipeline", "run_dir={w}/out", *PIPELINE]),
         "pipeline",
-        needs=("hf", "corpus"),
+        needs=("teacher", "corpus"),
     ),
 ]
 BY_NAME = {s.name: s for s in STAGES}
