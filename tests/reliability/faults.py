@@ -271,14 +271,28 @@ READERS = {"ckpt": _ckpt_result, "scores": _scores_result, "hf": _hf_result}
 
 
 def read_result(kind: str, path: str) -> dict:
+    """The result of a stage's output ``path``; paths inside its JSON files are made relative
+    to the run's work directory (every case runs in its own)."""
     if kind != "pipeline":
-        return READERS[kind](path)
-    out = {}
-    for name, (k, p) in _pipeline_outputs(path).items():
-        out.update({f"{name}/{key}": v for key, v in READERS[k](p).items()})
-    with open(os.path.join(path, "report.md")) as f:
-        out["report"] = bool(f.read())
-    return out
+        out = READERS[kind](path)
+    else:
+        out = {}
+        for name, (k, p) in _pipeline_outputs(path).items():
+            out.update({f"{name}/{key}": v for key, v in READERS[k](p).items()})
+        with open(os.path.join(path, "report.md")) as f:
+            out["report"] = bool(f.read())
+    work = os.path.dirname(os.path.abspath(path))
+    return {k: v if isinstance(v, torch.Tensor) else _relative(v, work) for k, v in out.items()}
+
+
+def _relative(x, work: str):
+    if isinstance(x, str):
+        return x.replace(work, "$W")
+    if isinstance(x, dict):
+        return {k: _relative(v, work) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_relative(v, work) for v in x]
+    return x
 
 
 # Provenance that differs from run to run by design (ids, wall-clock times).
@@ -516,20 +530,29 @@ class Kill:
         return self.kind != "point" and elapsed >= self.delay
 
     def fire(self, proc, tree: list[int]) -> bool:
-        if self.kind == "sigterm":
-            targets = [proc.pid] if BY_NAME[self.stage].nproc == 1 else tree
+        if self.kind == "sigterm":  # to every worker under torchrun, as SLURM signals tasks
+            targets = [proc.pid] if BY_NAME[self.stage].nproc == 1 else _workers(proc.pid)
+            if not targets:
+                return False  # not started yet: try again on the next poll
             for p in targets:
-                os.kill(p, signal.SIGTERM)
+                _signal(p, signal.SIGTERM)
             return True
         if self.kind == "rank":
             workers = _workers(proc.pid)
             if len(workers) <= self.rank:
-                return False  # not started yet: try again on the next poll
-            os.kill(workers[self.rank], signal.SIGKILL)
+                return False
+            _signal(workers[self.rank], signal.SIGKILL)
             return True
         # time / launcher: the whole run dies at once (a node failure)
         _kill_tree([proc.pid, *tree, *_children(proc.pid)])
         return True
+
+
+def _signal(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it ended on its own a moment ago
 
 
 def _workers(launcher: int) -> list[int]:
@@ -569,7 +592,7 @@ def draw_kills(stage: Stage, ref: "Reference", n: int, n_term: int, seed: int) -
                 name = mine[k - 1]
             kills.append(Kill(stage.name, "point", point=k, point_name=name, rank=rank))
         else:
-            kind = kinds[(i // 2) % len(kinds)]
+            kind = kinds[(i // 2 + 1) % len(kinds)]  # torchrun: the launcher first
             rank = rng.randrange(stage.nproc) if kind == "rank" else 0
             kills.append(Kill(stage.name, kind, delay=rng.uniform(lo, hi), rank=rank))
     if stage.training:
