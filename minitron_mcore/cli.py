@@ -15,6 +15,7 @@ import errno
 import importlib
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[command].resolve("target")(cfg)
         except OSError as e:
             raise _storage_error(e) from e
+        if command in ("pretrain", "correct", "distill"):
+            # The run is finished and saved. A SIGTERM from here on (a time limit landing
+            # during shutdown) must not turn it into exit -15: CPython's finalisation puts
+            # SIG_DFL back for signals with a Python handler, but leaves SIG_IGN in place.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except MinitronError as e:
         # Under torchrun / srun every rank gets here, mostly with the same message: print it
         # once, never dropping a message that only some rank has (the rule and its reasons:
