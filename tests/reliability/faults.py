@@ -357,9 +357,11 @@ def _pipeline_presented(run_dir: str, ref: dict, problems: list[str]) -> bool:
     """Every output the pipeline's done-markers vouch for reads, and a finished step's output
     equals the reference's."""
     stages = os.path.join(run_dir, "stages")
-    done = sorted(n[:-5] for n in os.listdir(stages) if n.endswith(".json")) if os.path.isdir(
-        stages
-    ) else []
+    done = (
+        sorted(n[:-5] for n in os.listdir(stages) if n.endswith(".json"))
+        if os.path.isdir(stages)
+        else []
+    )
     outputs = _pipeline_outputs(run_dir)
     for step in done:
         with open(os.path.join(stages, step + ".json")) as f:
@@ -561,9 +563,7 @@ def _workers(launcher: int) -> list[int]:
     for p in _children(launcher):
         try:
             with open(f"/proc/{p}/environ", "rb") as f:
-                envs = dict(
-                    kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv
-                )
+                envs = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 cmd = f.read()
         except OSError:
@@ -573,7 +573,7 @@ def _workers(launcher: int) -> list[int]:
     return [p for _, p in sorted(found)]
 
 
-def draw_kills(stage: Stage, ref: "Reference", n: int, n_term: int, seed: int) -> list[Kill]:
+def draw_kills(stage: Stage, ref: Reference, n: int, n_term: int, seed: int) -> list[Kill]:
     """``n`` SIGKILL cases (about half at a fault point of the reference run, the others at a
     random moment of its duration) and, for training stages, ``n_term`` SIGTERM cases.
     Seeded per stage: ``--only`` draws the same cases."""

@@ -58,13 +58,15 @@ def table(results, fast: bool, seconds: float, root: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the README's section between the ``begin`` and ``end`` markers with ``text``
+    (the catalogue's by default; run_faults.py writes its own section through this too)."""
     with open(README) as f:
         readme = f.read()
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(README, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv=None) -> int:

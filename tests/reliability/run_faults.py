@@ -25,6 +25,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from faults import BY_NAME, STAGES, FaultShared, draw_kills, reference, run_kill  # noqa: E402
+from run_catalogue import write_readme  # noqa: E402
 
 README = os.path.join(HERE, "README.md")
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
@@ -92,19 +93,11 @@ def table(outcomes, refs, fast: bool, seed: int, seconds: float, root: str = "")
             verdict = verdict.replace(root, "$TMP")
         lines.append(
             f"| `{k.stage}` | {k.kind} | {_cell(k.moment)} | {_exit(o.killed_code)} "
-            f"| {'yes' if o.complete_after_kill else 'no'} | {'yes' if o.incomplete_ok else '**no**'} "
+            f"| {'yes' if o.complete_after_kill else 'no'} "
+            f"| {'yes' if o.incomplete_ok else '**no**'} "
             f"| {rerun} | {'yes' if o.equal else '**no**'} | {_cell(verdict, 300)} |"
         )
     return "\n".join(lines)
-
-
-def write_readme(text: str) -> None:
-    with open(README) as f:
-        readme = f.read()
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(README, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
 def main(argv=None) -> int:
@@ -125,7 +118,9 @@ def main(argv=None) -> int:
             stage = BY_NAME[name]
             ref = reference(stage, shared, os.path.join(root, name, "ref"))
             refs[name] = ref
-            print(f"ref  {name:<18} {ref.seconds:5.1f}s  {len(ref.points)} fault points", flush=True)
+            print(
+                f"ref  {name:<18} {ref.seconds:5.1f}s  {len(ref.points)} fault points", flush=True
+            )
             for i, kill in enumerate(draw_kills(stage, ref, n, n_term, args.seed)):
                 o = run_kill(stage, ref, kill, shared, os.path.join(root, name, f"case{i}"))
                 outcomes.append(o)
@@ -143,7 +138,7 @@ def main(argv=None) -> int:
     if args.no_write or args.only:
         print(text)
     else:
-        write_readme(text)
+        write_readme(text, BEGIN, END)
         print(f"wrote the table to {README}")
     summary = {
         "cases": len(outcomes),
