@@ -7,6 +7,7 @@ minitron export-hf load=CKPT save=HF_DIR
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -29,7 +30,9 @@ from minitron_mcore.errors import require
 from minitron_mcore.models.arch import padded_vocab_size
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context, world_size
+from minitron_mcore.utils.faults import fault_point
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
+from minitron_mcore.utils.rerun import already_done, checkpoint_fingerprint, fingerprint
 
 
 @dataclass
@@ -71,6 +74,11 @@ def import_hf(cfg: ImportHFConfig) -> dict:
     hf_cfg = hf_io.read_hf_config(cfg.load)
     arch = hf_mapping.arch_from_hf_config(hf_cfg)
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    fp = fingerprint("import-hf", cfg, {"load": cfg.load, "tokenizer": cfg.tokenizer})
+    done = already_done("import-hf", cfg.save, cfg.overwrite, fp, checkpoint_fingerprint)
+    if done:
+        emit_metrics(done, cfg.save)
+        return done
     check_save_target(cfg.save, cfg.overwrite)
     tok_files = hf_io.check_tokenizer(cfg.tokenizer or cfg.load)
     reader = hf_io.SafetensorsReader(cfg.load)
@@ -115,7 +123,7 @@ def import_hf(cfg: ImportHFConfig) -> dict:
             dtype=dtype_name,
             hf_config=hf_cfg,
             hf_generation_config=hf_io.read_generation_config(cfg.load),
-        ).with_step("import-hf", source=os.path.abspath(cfg.load))
+        ).with_step("import-hf", source=os.path.abspath(cfg.load), fingerprint=fp)
         reader.close()  # unmap the source files before the save's own copies peak
         save_checkpoint(model, cfg.save, meta, tok_files)
     metrics = {
@@ -139,10 +147,23 @@ def export_hf(cfg: ExportHFConfig) -> dict:
     return metrics
 
 
+EXPORT_INFO = "minitron_export.json"
+"""Written into every HF export: the checkpoint it came from and the command's fingerprint."""
+
+
+def _export_fingerprint(save: str) -> str | None:
+    with open(os.path.join(save, EXPORT_INFO)) as f:
+        return json.load(f)["fingerprint"]
+
+
 def write_hf_export(cfg: ExportHFConfig) -> dict:
     """The export itself (one process; ``minitron pipeline`` calls it on rank 0)."""
     t0 = time.time()
     meta = read_meta(cfg.load)
+    fp = fingerprint("export-hf", cfg, {"load": cfg.load})
+    done = already_done("export-hf", cfg.save, cfg.overwrite, fp, _export_fingerprint)
+    if done:
+        return done
     check_save_target(cfg.save, cfg.overwrite)
     arch = meta.arch
     dtype_name = meta.dtype if cfg.dtype == "auto" else cfg.dtype
@@ -152,6 +173,7 @@ def write_hf_export(cfg: ExportHFConfig) -> dict:
     os.makedirs(tmp)
     try:
         nbytes = _write_hf_weights(cfg, meta, tmp, dtype)
+        fault_point("export:weights-written")
         hf_io.write_hf_config(
             tmp,
             hf_mapping.hf_config_from_arch(arch, meta.hf_config, dtype_name),
@@ -161,6 +183,15 @@ def write_hf_export(cfg: ExportHFConfig) -> dict:
         # rope_theta / rope_scaling keys, so write both.
         hf_mapping.write_classic_rope_keys(tmp)
         hf_io.copy_files(tokenizer_files_of(cfg.load), tmp)
+        fault_point("export:config-written")
+        info = {  # no path: exports get published
+            "source_checkpoint_id": meta.checkpoint_id,
+            "dtype": dtype_name,
+            "fingerprint": fp,
+        }
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+        fault_point("export:info-written")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,12 +29,13 @@ from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.importance.aggregate import BATCH_AGGS, SEQ_AGGS, all_scores
 from minitron_mcore.importance.hooks import ActivationCollector, LayerInputCache, skip_layers
-from minitron_mcore.importance.scores import Scores
+from minitron_mcore.importance.scores import Scores, scores_fingerprint
 from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.stages.common import check_tokenizer_vocab
 from minitron_mcore.train.loop import evaluate
 from minitron_mcore.train.step import lm_forward_step
 from minitron_mcore.utils.log import emit_metrics, log0, progress
+from minitron_mcore.utils.rerun import already_done, fingerprint
 
 
 @dataclass
@@ -199,10 +200,11 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
     require(icfg.batch_agg in BATCH_AGGS, f"importance.batch_agg must be one of {BATCH_AGGS}")
     require(icfg.num_samples > 0, "importance.num_samples must be positive")
     require(bool(cfg.save), "save= is empty; pass an output directory for the scores")
-    require(
-        cfg.overwrite or not os.path.exists(cfg.save),
-        f"save={cfg.save} already exists; choose a new directory or pass overwrite=true",
-    )
+    fp = fingerprint("importance", cfg, {"load": cfg.load, "data.train": list(cfg.data.train)})
+    done = already_done("importance", cfg.save, cfg.overwrite, fp, scores_fingerprint)
+    if done:
+        emit_metrics(done, cfg.save)
+        return done
     seq = min(icfg.seq_length, arch.max_position_embeddings)
     metric_fn = _metric_fn(icfg.layer_metric)
     tok = Tokenizer(resolve_tokenizer_path(cfg.load))
@@ -260,6 +262,7 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
             "block_sizes": [int(b) for b in icfg.block_sizes],
             "user_metric": user,
             "calibration_loss": calib_loss,
+            "fingerprint": fp,
         }
         if dist.get_rank() == 0:
             Scores(tensors, info).save(cfg.save)

@@ -8,18 +8,21 @@ SCORES/scores.safetensors   per layer i and aggregation a ("<seq>-<batch>"):
                             layer_loss.block{n} [L - n + 1]   LM loss without layers i..i+n-1
                             base_loss []                       LM loss of the full model
 SCORES/scores.json          provenance: checkpoint, its id and arch, data, sample count,
-                            the default aggregation, user metric values
+                            the default aggregation, user metric values, and the
+                            fingerprint of the command (a re-run is a no-op)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
 
 from minitron_mcore.errors import MinitronError, require
+from minitron_mcore.utils.faults import fault_point
 
 TENSORS = "scores.safetensors"
 INFO = "scores.json"
@@ -46,15 +49,22 @@ class Scores:
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
 
+        from minitron_mcore.checkpoint.megatron import atomic_swap
+
+        # Written beside the target and swapped in whole: a reader sees no scores directory or
+        # a complete one (a stale .partial from a killed run is replaced).
         tmp = path.rstrip("/") + ".partial"
-        os.makedirs(tmp, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         save_file(
             {k: v.contiguous().float() for k, v in self.tensors.items()}, os.path.join(tmp, TENSORS)
         )
+        fault_point("scores:tensors-written")
         with open(os.path.join(tmp, INFO), "w") as f:
             json.dump(self.info, f, indent=2, sort_keys=True)
-        from minitron_mcore.checkpoint.megatron import atomic_swap
-
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("scores:info-written")
         atomic_swap(tmp, path)
 
     @classmethod
@@ -76,3 +86,9 @@ class Scores:
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
             raise MinitronError(f"the scores in {path} are corrupt ({e}); re-run importance") from e
         return cls(tensors, info)
+
+
+def scores_fingerprint(path: str) -> str | None:
+    """The fingerprint of the command that wrote the scores in ``path`` (see utils/rerun.py)."""
+    with open(os.path.join(path, INFO)) as f:
+        return json.load(f).get("fingerprint")

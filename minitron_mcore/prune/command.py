@@ -38,6 +38,7 @@ from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.prune.plan import PruneConfig, PrunePlan, make_plan
 from minitron_mcore.prune.slicing import prune_global, prune_layer
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
+from minitron_mcore.utils.rerun import already_done, checkpoint_fingerprint, fingerprint
 
 
 @dataclass
@@ -91,10 +92,11 @@ def prune(cfg: PruneCommandConfig) -> dict:
     t0 = time.time()
     meta = read_meta(cfg.load)
     require(bool(cfg.save), "save= is empty; pass an output directory for the pruned model")
-    require(
-        cfg.overwrite or not os.path.exists(cfg.save),
-        f"save={cfg.save} already exists; choose a new directory or pass overwrite=true",
-    )
+    fp = fingerprint("prune", cfg, {"load": cfg.load, "scores": cfg.scores})
+    done = already_done("prune", cfg.save, cfg.overwrite, fp, checkpoint_fingerprint)
+    if done:
+        emit_metrics(done, cfg.save)
+        return done
     scores = None
     if cfg.scores:
         scores = Scores.load(cfg.scores)
@@ -125,7 +127,10 @@ def prune(cfg: PruneCommandConfig) -> dict:
         )
         new_meta = dataclasses.replace(meta, arch=plan.dst, prune_plan=record, train_state=None)
         new_meta = new_meta.with_step(
-            "prune", source=os.path.abspath(cfg.load), target=dataclasses.asdict(cfg.prune.target)
+            "prune",
+            source=os.path.abspath(cfg.load),
+            target=dataclasses.asdict(cfg.prune.target),
+            fingerprint=fp,
         )
         save_checkpoint(dst_model, cfg.save, new_meta, tokenizer_files_of(cfg.load))
     metrics = {

@@ -20,8 +20,8 @@ For each :class:`Stage` (one real CLI command on tiny inputs: the catalogue's sh
    (a tracker names a readable version; a scores or HF directory that exists loads, and for
    outputs that are final it already equals the reference), and no process of the run is left;
 4. the identical command again, to completion: exit 0 and a result bitwise equal to the
-   reference. A non-training command killed after its output was complete refuses to replace
-   it (``already exists``, exit 2): that output must equal the reference.
+   reference. A non-training command killed after its output was complete finds it in place
+   (same command, same inputs: ``utils/rerun.py``) and does nothing.
 
 ``run_faults.py`` drives it and writes the table in ``tests/reliability/README.md``;
 ``test_faults.py`` is the CI subset.
@@ -671,13 +671,11 @@ def run_kill(stage: Stage, ref: Reference, kill: Kill, shared: FaultShared, work
     rerun = run_cmd(stage, argv, work)
     note = ""
     if rerun.returncode != 0:
-        exists = "already exists" in rerun.stderr
-        if rerun.returncode == 2 and exists and complete and not stage.training:
-            note = "refused: output already complete"
-        else:
-            problems.append(f"re-run exit {rerun.returncode}: {_last_error(rerun.stderr)}")
+        problems.append(f"re-run exit {rerun.returncode}: {_last_error(rerun.stderr)}")
+    elif "nothing to do" in rerun.stderr:
+        note = "no-op: output already complete"
     equal = False
-    if not problems or note:
+    if not problems:
         try:
             d = differences(ref.result, read_result(stage.kind, out))
             equal = not d
