@@ -11,7 +11,6 @@ the dataclass does not declare is rejected before any work starts.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import re
@@ -20,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from minitron_mcore.errors import MinitronError
+from minitron_mcore.errors import MinitronError, storage_error
 
 
 @dataclass(frozen=True)
@@ -170,26 +169,6 @@ def _show_config(command: str) -> str:
     return f"minitron {command} [key=value ...]\n\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-# What the user can do about an OSError of the filesystem (a full disk, a read-only mount);
-# any other OSError is a bug or an unexpected system state and keeps its traceback.
-_STORAGE_FIXES = {
-    errno.ENOSPC: "free space there or choose another save=",
-    errno.EDQUOT: "free space within your quota or choose another save=",
-    errno.EROFS: "choose a save= on a writable filesystem",
-    errno.EACCES: "check the permissions of that path or choose another save=",
-    errno.EPERM: "check the permissions (and immutable flags) of that path or choose another save=",
-}
-
-
-def _storage_error(e: OSError) -> MinitronError:
-    """A full disk or a read-only output as one error line (partial outputs are removed by the
-    writers, which write to temporary paths and swap them in only when complete)."""
-    if e.errno not in _STORAGE_FIXES:
-        raise e
-    what = (e.strerror or str(e)).lower() + (f": {e.filename}" if e.filename else "")
-    return MinitronError(f"{what}; {_STORAGE_FIXES[e.errno]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     from minitron_mcore.utils.log import quiet_known_warnings
 
@@ -213,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             COMMANDS[command].resolve("target")(cfg)
         except OSError as e:
-            raise _storage_error(e) from e
+            raise storage_error(e) from e
         if command in ("pretrain", "correct", "distill"):
             # The run is finished and saved. A SIGTERM from here on (a time limit landing
             # during shutdown) must not turn it into exit -15: CPython's finalisation puts

@@ -5,6 +5,8 @@ checkpoint, an impossible target).  The CLI prints its message as one line, with
 non-zero without a traceback; anything else is a bug and keeps its traceback.
 """
 
+import errno
+
 
 class MinitronError(Exception):
     """An error caused by the user's input; the message names the fix."""
@@ -16,3 +18,24 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`MinitronError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise MinitronError(message)
+
+
+# What the user can do about an OSError of the filesystem (a full disk, a read-only mount);
+# any other OSError is a bug or an unexpected system state and keeps its traceback.
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free space there or choose another save=",
+    errno.EDQUOT: "free space within your quota or choose another save=",
+    errno.EROFS: "choose a save= on a writable filesystem",
+    errno.EACCES: "check the permissions of that path or choose another save=",
+    errno.EPERM: "check the permissions (and immutable flags) of that path or choose another save=",
+}
+
+
+def storage_error(e: OSError) -> MinitronError:
+    """A full disk or a read-only output as one error line (partial outputs are removed by the
+    writers, which write to temporary paths and swap them in only when complete). Any other
+    OSError is re-raised as it is."""
+    if e.errno not in _STORAGE_FIXES:
+        raise e
+    what = (e.strerror or str(e)).lower() + (f": {e.filename}" if e.filename else "")
+    return MinitronError(f"{what}; {_STORAGE_FIXES[e.errno]}")

@@ -45,7 +45,7 @@ import torch
 
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import ModelArch
-from minitron_mcore.parallel import barrier, is_rank0
+from minitron_mcore.parallel import fail_together, is_rank0
 from minitron_mcore.utils.faults import fault_point
 from minitron_mcore.utils.log import log0
 
@@ -443,10 +443,9 @@ def save_checkpoint(
     before the version is committed. ``tag`` names the version (``iter_0000010`` for training;
     default a fresh ``release-<id>``); ``keep`` training versions are kept (the module
     docstring describes the layout and why every instant of a save is safe)."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-
-    import torch.distributed as dist
 
     _in_process_write_results()
     ident = [uuid.uuid4().hex]  # one id for all ranks: it names the version's directory
@@ -462,41 +461,50 @@ def save_checkpoint(
     tag = tag or f"release-{meta.checkpoint_id[:8]}"
     require(_VERSION_RE.match(tag) is not None, f"bad checkpoint version name {tag!r}")
     home = path.rstrip("/")
-    if is_rank0():
+
+    # Rank 0's file operations go through fail_together: should one fail (a full disk), every
+    # rank raises at once instead of waiting for rank 0 at a barrier until the timeout.
+    def recover():
         recover_home(home)
         if not os.path.exists(home):  # partial writes of earlier first saves
             for stale in glob.glob(glob.escape(home) + ".*.partial"):
                 shutil.rmtree(stale, ignore_errors=True)
-    barrier()
+
+    fail_together(recover, rank0_only=True)
     # The version is written inside an existing checkpoint directory, or beside a new one.
     inside = current_version(home) is not None
     tmp = os.path.join(home, tag + ".partial") if inside else f"{home}.{tag}.partial"
-    if is_rank0():
+
+    def make_tmp():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
         fault_point("save:tmp-created")
-    barrier()
-    try:
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+
+    def rank_files():  # after Megatron's collective save: this rank's own additions
         fault_point("save:weights-written")
         if extra is not None:
             extra(tmp)
             fault_point("save:extra-written")
-        barrier()
-        if is_rank0():
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                f.write(meta.to_json())
-            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
-            for f in tokenizer_files:
-                shutil.copy2(f, os.path.join(tmp, TOKENIZER_DIR))
-            fault_point("save:sidecar-written")
-            _commit_version(tmp, home, tag, meta, keep)
-            log0("saved checkpoint %s (%s)", home, tag)
+
+    def commit():
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            f.write(meta.to_json())
+        os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+        for f in tokenizer_files:
+            shutil.copy2(f, os.path.join(tmp, TOKENIZER_DIR))
+        fault_point("save:sidecar-written")
+        _commit_version(tmp, home, tag, meta, keep)
+        log0("saved checkpoint %s (%s)", home, tag)
+
+    fail_together(make_tmp, rank0_only=True)
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+        fail_together(rank_files)
+        fail_together(commit, rank0_only=True)
     except BaseException:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier()
 
 
 def load_weights(model, path: str) -> None:

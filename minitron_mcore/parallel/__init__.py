@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from minitron_mcore import compat
-from minitron_mcore.errors import MinitronError, require
+from minitron_mcore.errors import MinitronError, require, storage_error
 
 
 @dataclass
@@ -355,3 +355,47 @@ def barrier() -> None:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _failure(e: BaseException) -> tuple[bool, str]:
+    """(a user error?, its one-line text)."""
+    if isinstance(e, MinitronError):
+        return True, str(e)
+    if isinstance(e, OSError):
+        try:
+            return True, str(storage_error(e))
+        except OSError:
+            pass
+    return False, f"{type(e).__name__}: {e}"
+
+
+def fail_together(fn: Callable[[], None], rank0_only: bool = False) -> None:
+    """Run ``fn`` on every rank (``rank0_only``: on rank 0 alone) and agree on the outcome.
+
+    Without this, a rank whose ``fn`` fails (a full disk under rank 0's sidecar, an unwritable
+    file of one rank's training state) raises while the other ranks wait at the next collective
+    until the process-group timeout - 30 minutes of a job doing nothing. Here every rank learns
+    of the failure at once and raises it: a user error (or a full disk, a read-only path) as the
+    same :class:`MinitronError` on every rank, so it is printed once; any other exception keeps
+    its traceback on the rank where it happened. Also a barrier: nobody continues before every
+    rank's ``fn`` is done (with ``rank0_only``: before rank 0's is)."""
+    err = None
+    if not rank0_only or is_rank0():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            err = e
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if err is not None:
+            raise err
+        return
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, None if err is None else _failure(err))
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return
+    if err is not None and not _failure(err)[0]:
+        raise err  # a bug: its traceback, on the rank where it happened
+    rank, (user, text) = failed[0]
+    message = text if user else f"rank {rank} failed ({text}); see its traceback"
+    raise MinitronError(message) from err

@@ -961,6 +961,36 @@ CASES: list[Case] = [
         nproc=2,
         slow=True,
     ),
+    # One rank's write fails while the other's succeeds: every rank must learn of it at once,
+    # not wait at the next collective for the process-group timeout (bounded to 1 minute here,
+    # so that a regression fails on the error text instead of hanging the run).
+    Case(
+        "disk-full-rank0-only-2ranks",
+        "ENOSPC on rank 0 alone, at its sidecar write (the other rank's writes succeed)",
+        _import(
+            "{hf}", "{existing}", "overwrite=true", "parallel.tp=2", "parallel.timeout_minutes=1"
+        ),
+        "no space left on device (simulated); free space there",
+        prepare=lambda c: c.vars.update(existing=c.existing()),
+        env={"MINITRON_FAULT_ENOSPC": "save:sidecar-written", "MINITRON_FAULT_RANK": "0"},
+        protect=_paths("{existing}"),
+        after=_no_partials,
+        nproc=2,
+    ),
+    Case(
+        "disk-full-rank1-only-2ranks",
+        "ENOSPC on rank 1 alone, after its shard of the weights",
+        _import(
+            "{hf}", "{existing}", "overwrite=true", "parallel.tp=2", "parallel.timeout_minutes=1"
+        ),
+        "no space left on device (simulated); free space there",
+        prepare=lambda c: c.vars.update(existing=c.existing()),
+        env={"MINITRON_FAULT_ENOSPC": "save:weights-written", "MINITRON_FAULT_RANK": "1"},
+        protect=_paths("{existing}"),
+        after=_no_partials,
+        nproc=2,
+        slow=True,
+    ),
 ]
 
 
