@@ -119,13 +119,26 @@ class SafeFileSystemReader(FileSystemReader):
         return self._metadata
 
 
+def _reason(e: pickle.UnpicklingError) -> str:
+    """torch's weights-only refusal in one line: what it refused, without its several lines of
+    advice (which include re-running with ``weights_only=False``)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    else:
+        paragraphs = text.split("\n\n")
+        text = " ".join(p for p in paragraphs if not p.startswith("Weights only load failed"))
+    text = " ".join(text.split("Check the documentation")[0].split())
+    return text.split(". ")[0].rstrip(".") or "not plain data"
+
+
 def check_bytes_item(value: io.BytesIO, where: str) -> None:
     """Refuse a checkpoint byte item that is more than tensors and plain containers."""
     try:
         torch.load(value, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"refusing to load an object stored in {where}: it is not plain data ({e}); "
+            f"refusing to load an object stored in {where}: it is not plain data ({_reason(e)}); "
             "nothing from it was run - re-create the checkpoint from a source you trust"
         ) from e
     finally:
@@ -187,8 +200,8 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
-                f"refusing to load {path}: it holds more than plain data ({e}); nothing from "
-                "it was run - re-create the checkpoint from a source you trust"
+                f"refusing to load {path}: it holds more than plain data ({_reason(e)}); "
+                "nothing from it was run - re-create the checkpoint from a source you trust"
             ) from e
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):

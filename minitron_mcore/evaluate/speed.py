@@ -22,7 +22,9 @@ def generation_speed(hf_dir: str, new_tokens: int = 64, repeats: int = 3) -> dic
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=dtype, local_files_only=True, use_safetensors=True
+    )
     model = model.to(device).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

@@ -114,8 +114,8 @@ def make_hf_model(
     if tokenizer_dir is None:
         make_tokenizer(out_dir)
     else:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    tok = AutoTokenizer.from_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     spec = dict(TINY[family], **overrides)
     spec.setdefault("vocab_size", len(tok))
     model_type = spec.pop("model_type")
