@@ -30,7 +30,7 @@ from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.importance.aggregate import BATCH_AGGS, SEQ_AGGS, all_scores
 from minitron_mcore.importance.hooks import ActivationCollector, LayerInputCache, skip_layers
 from minitron_mcore.importance.scores import Scores, scores_fingerprint
-from minitron_mcore.parallel import ParallelConfig, parallel_context
+from minitron_mcore.parallel import ParallelConfig, fail_together, parallel_context
 from minitron_mcore.stages.common import check_tokenizer_vocab
 from minitron_mcore.train.loop import evaluate
 from minitron_mcore.train.step import lm_forward_step
@@ -264,9 +264,7 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
             "calibration_loss": calib_loss,
             "fingerprint": fp,
         }
-        if dist.get_rank() == 0:
-            Scores(tensors, info).save(cfg.save)
-        dist.barrier()
+        fail_together(lambda: Scores(tensors, info).save(cfg.save), rank0_only=True)
     metrics = {
         "command": "importance",
         "save": cfg.save,

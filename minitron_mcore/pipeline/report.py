@@ -141,19 +141,21 @@ def _table(rows: list[dict]) -> list[str]:
 
 def write_report(cfg: PipelineConfig) -> dict:
     """Write ``report.md`` and ``plots/*.png`` (rank 0); returns the table as metrics."""
-    from minitron_mcore.parallel import barrier, is_rank0
+    from minitron_mcore.parallel import fail_together
     from minitron_mcore.pipeline import plots
 
     marks = _markers(cfg.run_dir)
     rows = _models(cfg, marks)
-    if is_rank0():
+
+    def write():
         figs = plots.make_all(cfg, marks, os.path.join(cfg.run_dir, "plots"))
         text = _render(cfg, marks, rows, figs)
         tmp = os.path.join(cfg.run_dir, "report.md.tmp")
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, os.path.join(cfg.run_dir, "report.md"))
-    barrier()
+
+    fail_together(write, rank0_only=True)
     return {"command": "report", "models": rows}
 
 

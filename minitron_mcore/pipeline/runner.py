@@ -49,13 +49,9 @@ def read_marker(run_dir: str, step_id: str):
 
 
 def _write_marker(run_dir: str, step: Step, metrics: dict, seconds: float) -> None:
-    from minitron_mcore.parallel import is_rank0
+    from minitron_mcore.parallel import fail_together
 
-    if not is_rank0():
-        return
     path = marker_path(run_dir, step.id)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
     record = {
         "id": step.id,
         "command": step.command,
@@ -64,9 +60,15 @@ def _write_marker(run_dir: str, step: Step, metrics: dict, seconds: float) -> No
         "metrics": _jsonable(metrics),
         "seconds": round(seconds, 3),
     }
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+
+    def write():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    fail_together(write, rank0_only=True)  # every rank fails with rank 0, at once
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
@@ -96,9 +98,9 @@ def _rerun_index(steps: list[Step], rerun_from: str) -> int:
 
 def _forget(run_dir: str, step: Step) -> None:
     """Remove a step's marker and the outputs it owns (only inside the run directory)."""
-    from minitron_mcore.parallel import barrier, is_rank0
+    from minitron_mcore.parallel import fail_together
 
-    if is_rank0():
+    def remove():
         root = os.path.realpath(run_dir)
         for path in step.owned:
             real = os.path.realpath(path)
@@ -109,22 +111,25 @@ def _forget(run_dir: str, step: Step) -> None:
                 shutil.rmtree(extra)
         if os.path.exists(marker_path(run_dir, step.id)):
             os.remove(marker_path(run_dir, step.id))
-    barrier()
+
+    fail_together(remove, rank0_only=True)
 
 
 def _record_failures(run_dir: str, failed: dict) -> None:
     """``stages/failed.json`` for the report (removed once every variant succeeds)."""
-    from minitron_mcore.parallel import is_rank0
+    from minitron_mcore.parallel import fail_together
 
     path = os.path.join(run_dir, FAILED)
-    if not is_rank0():
-        return
-    if failed:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(failed, f, indent=2)
-    elif os.path.exists(path):
-        os.remove(path)
+
+    def write():
+        if failed:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(failed, f, indent=2)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    fail_together(write, rank0_only=True)
 
 
 def _summary(step: Step, m: dict, seconds: float) -> str:

@@ -23,11 +23,9 @@ def _common(p) -> dict:
 def _train_demo_tokenizer(out_dir: str, corpora: list, vocab_size: int) -> dict:
     """A byte-level BPE on the original data (the default run has no tokenizer of its own)."""
     from minitron_mcore.data.demo import train_tokenizer
-    from minitron_mcore.parallel import barrier, is_rank0
+    from minitron_mcore.parallel import fail_together
 
-    if is_rank0():
-        train_tokenizer(out_dir, corpora, vocab_size)
-    barrier()
+    fail_together(lambda: train_tokenizer(out_dir, corpora, vocab_size), rank0_only=True)
     return {"command": "tokenizer", "save": out_dir}
 
 
@@ -195,13 +193,16 @@ def _export_and_time(c, new_tokens: int) -> dict:
 
     from minitron_mcore.checkpoint.convert import write_hf_export
     from minitron_mcore.evaluate.speed import generation_speed
-    from minitron_mcore.parallel import is_rank0
+    from minitron_mcore.parallel import fail_together
 
     out = [None]
-    if is_rank0():
+
+    def work():
         m = write_hf_export(c)
         m.update(generation_speed(c.save, new_tokens))
-        out = [m]
+        out[0] = m
+
+    fail_together(work, rank0_only=True)  # a failure on rank 0 reaches every rank at once
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(out, src=0)
     return out[0]

@@ -32,7 +32,7 @@ from minitron_mcore.checkpoint.megatron import (
     save_checkpoint,
 )
 from minitron_mcore.errors import require
-from minitron_mcore.parallel import barrier, is_rank0
+from minitron_mcore.parallel import fail_together, is_rank0
 from minitron_mcore.utils.log import log0
 
 OPTIM_DIR = "optim"
@@ -133,23 +133,27 @@ def save_training_checkpoint(
     from megatron.core import dist_checkpointing
 
     def extra(tmp: str) -> None:
-        os.makedirs(os.path.join(tmp, OPTIM_DIR), exist_ok=True)
-        barrier()
+        # The file operations of single ranks go through fail_together (one rank's failure is
+        # every rank's at once); Megatron's optimizer save between them is collective.
+        fail_together(lambda: os.makedirs(os.path.join(tmp, OPTIM_DIR), exist_ok=True))
         model_sd = model.sharded_state_dict()
         dist_checkpointing.save(
             optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
             os.path.join(tmp, OPTIM_DIR),
         )
-        os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
-        with open(os.path.join(tmp, RNG_DIR, f"rank_{dist.get_rank()}.json"), "w") as f:
-            json.dump(_rng_state(), f)
-        barrier()
-        if is_rank0():
-            state = dict(
-                train_state, scheduler=scheduler.state_dict(), world_size=dist.get_world_size()
-            )
-            with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
-                json.dump(state, f, indent=2)
+
+        def own_files():
+            os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
+            with open(os.path.join(tmp, RNG_DIR, f"rank_{dist.get_rank()}.json"), "w") as f:
+                json.dump(_rng_state(), f)
+            if is_rank0():
+                state = dict(
+                    train_state, scheduler=scheduler.state_dict(), world_size=dist.get_world_size()
+                )
+                with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
+                    json.dump(state, f, indent=2)
+
+        fail_together(own_files)
 
     tag = f"iter_{int(train_state['iteration']):07d}"
     save_checkpoint(model, path, meta, tokenizer_files, extra=extra, tag=tag, keep=keep)
