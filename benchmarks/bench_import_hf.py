@@ -82,7 +82,9 @@ import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM
 t0 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], dtype=torch.bfloat16, local_files_only=True
+)
 load_seconds = time.perf_counter() - t0
 if sys.argv[2] == "touch":
     with torch.no_grad():
@@ -146,7 +148,7 @@ def _write_random_llama(out_dir: str, spec: dict) -> None:
 
     os.makedirs(out_dir)
     make_tokenizer(out_dir)
-    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     config = LlamaConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

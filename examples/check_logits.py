@@ -10,8 +10,12 @@ from transformers import AutoModelForCausalLM
 
 
 def main(a: str, b: str) -> None:
-    ma = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval()
-    mb = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval()
+    ma = AutoModelForCausalLM.from_pretrained(
+        a, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    ).eval()
+    mb = AutoModelForCausalLM.from_pretrained(
+        b, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    ).eval()
     tokens = torch.randint(
         0, ma.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)
     )

@@ -10,8 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main(model_dir: str, prompt: str, new_tokens: int = 24) -> None:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    ).eval()
     params = sum(p.numel() for p in model.parameters())
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
