@@ -274,14 +274,9 @@ def table(r: dict, seconds: float, metrics: dict, load: str) -> str:
 
 def write_readme(text: str, path: str = README) -> None:
     """Replace the text between the soak markers of ``path`` with ``text``."""
-    with open(path) as f:
-        readme = f.read()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} section to write")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    from run_catalogue import write_readme as write_section
+
+    write_section(text, BEGIN, END, path)
 
 
 def main(argv=None) -> int:

@@ -58,14 +58,17 @@ def table(results, fast: bool, seconds: float, root: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the README's section between the ``begin`` and ``end`` markers with ``text``
-    (the catalogue's by default; run_faults.py writes its own section through this too)."""
-    with open(README) as f:
+def write_readme(text: str, begin: str = BEGIN, end: str = END, path: str = README) -> None:
+    """Replace the section between the ``begin`` and ``end`` markers of ``path`` with ``text``
+    (the catalogue's by default; run_faults.py and benchmarks/soak_distill.py write theirs
+    through this too)."""
+    with open(path) as f:
         readme = f.read()
+    if begin not in readme or end not in readme:
+        raise SystemExit(f"{path} has no {begin} ... {end} section to write")
     head, rest = readme.split(begin, 1)
     _, tail = rest.split(end, 1)
-    with open(README, "w") as f:
+    with open(path, "w") as f:
         f.write(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
