@@ -441,8 +441,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_tree(pids: list[int], sig=signal.SIGKILL) -> None:
+def _ours(pid: int, marker: bytes) -> bool:
+    """Whether ``pid`` still is a process of this run: every process of a run inherits its
+    ``MINITRON_FAULT_RUN`` marker. A pid seen earlier in the run may since have exited and been
+    reused by an unrelated process (pid_max is often 32768), which must not be signalled."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _kill_tree(pids: list[int], sig=signal.SIGKILL, marker: bytes = b"") -> None:
     for p in pids:
+        if marker and not _ours(p, marker):
+            continue
         try:
             os.killpg(os.getpgid(p), sig)
         except (ProcessLookupError, PermissionError):
@@ -466,6 +479,8 @@ def run_cmd(stage: Stage, argv: list[str], work: str, extra_env=None, kill=None,
     """Run the stage's command; ``kill(proc, t0)`` (in a thread-free poll loop) may stop it.
     Returns a :class:`Run`; afterwards no process of the run may remain."""
     e = dict(env(), **(extra_env or {}))
+    e["MINITRON_FAULT_RUN"] = run_id = f"{os.getpid()}-{time.time_ns()}"
+    marker = f"MINITRON_FAULT_RUN={run_id}".encode()
     err_path = os.path.join(work, f"stderr-{time.time_ns()}.txt")
     t0 = time.time()
     with open(err_path, "w") as err:
@@ -481,9 +496,9 @@ def run_cmd(stage: Stage, argv: list[str], work: str, extra_env=None, kill=None,
         while proc.poll() is None:
             tree = sorted(set(tree) | set(_children(proc.pid)))
             if kill is not None and not sent and kill.due(time.time() - t0):
-                sent = kill.fire(proc, tree)
+                sent = kill.fire(proc, tree, marker)
             if time.time() - t0 > timeout:
-                _kill_tree([proc.pid, *tree])
+                _kill_tree([proc.pid, *tree], marker=marker)
                 proc.wait()
                 raise TimeoutError(f"{' '.join(argv[:1])} ran over {timeout} s")
             time.sleep(0.01)
@@ -491,10 +506,10 @@ def run_cmd(stage: Stage, argv: list[str], work: str, extra_env=None, kill=None,
         # torchrun's workers live in their own sessions: give them a moment, then any left
         # is an orphan (killed here so that the next run starts clean).
         deadline = time.time() + 30
-        while any(_alive(p) for p in tree) and time.time() < deadline:
+        while any(_alive(p) and _ours(p, marker) for p in tree) and time.time() < deadline:
             time.sleep(0.05)
-        orphans = [p for p in tree if _alive(p)]
-        _kill_tree(orphans)
+        orphans = [p for p in tree if _alive(p) and _ours(p, marker)]
+        _kill_tree(orphans, marker=marker)
     with open(err_path) as f:
         stderr = f.read()
     return Run(proc.returncode, seconds, stderr, sent, orphans)
@@ -531,7 +546,7 @@ class Kill:
     def due(self, elapsed: float) -> bool:
         return self.kind != "point" and elapsed >= self.delay
 
-    def fire(self, proc, tree: list[int]) -> bool:
+    def fire(self, proc, tree: list[int], marker: bytes) -> bool:
         if self.kind == "sigterm":  # to every worker under torchrun, as SLURM signals tasks
             targets = [proc.pid] if BY_NAME[self.stage].nproc == 1 else _workers(proc.pid)
             if not targets:
@@ -546,7 +561,7 @@ class Kill:
             _signal(workers[self.rank], signal.SIGKILL)
             return True
         # time / launcher: the whole run dies at once (a node failure)
-        _kill_tree([proc.pid, *tree, *_children(proc.pid)])
+        _kill_tree([proc.pid, *tree, *_children(proc.pid)], marker=marker)
         return True
 
 
