@@ -132,6 +132,36 @@ def test_kill_at_every_point_of_a_save(llama_ckpt, corpora, tmp_path):
     _kill_at(SAVE_POINTS, llama_ckpt, corpora, tmp_path)
 
 
+# A kill inside a run's final save: the re-run finds the run finished (its final version is
+# complete) and must present that version, not the one before, nor nothing. A 2-step run saving
+# every 2 steps has one save, which builds the directory (5 tracker written, 6 replaced, 7 staged:
+# the new directory is complete beside the target); saving every step, its final save adds a
+# version (13 version in place, 14 tracker written, 15 tracker replaced).
+FINAL_SAVE = {2: [5, 6, 7], 1: [13, 14, 15]}  # save_interval -> points
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("interval", sorted(FINAL_SAVE))
+def test_kill_in_the_final_save_then_rerun(interval, llama_ckpt, corpora, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    args = _correct(
+        llama_ckpt,
+        corpora["stdlib-code"],
+        str(work / "run"),
+        2,
+        f"train.save_interval={interval}",
+        "train.keep_checkpoints=1",
+        f"data.cache_dir={tmp_path}/cache",
+    )
+    out = tmp_path / "result.json"
+    points = ",".join(map(str, FINAL_SAVE[interval]))
+    launch([os.path.join(WORKERS, "save_kill.py"), str(out), str(work), points, *args], timeout=900)
+    for r in json.loads(out.read_text()):
+        assert r["killed"] and r["resumed"] == 0, r
+        assert r["final_iteration"] == 2 and r["same"], r
+
+
 def _kill_at(kill_points, llama_ckpt, corpora, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -182,4 +212,4 @@ def _kill_at(kill_points, llama_ckpt, corpora, tmp_path):
         # previous (step 1) or the new (step 2) checkpoint, never a broken one.
         allowed = {None, 1} if r["point"] <= 8 else {1, 2}
         assert r["iteration"] in allowed and r["readable"], r
-        assert r["resumed"] == 0 and r["same"], r
+        assert r["resumed"] == 0 and r["final_iteration"] == 3 and r["same"], r

@@ -340,34 +340,49 @@ def _complete_home(home: str) -> bool:
     return bool(version) and os.path.isfile(os.path.join(home, version, META_FILE))
 
 
-def recover_home(home: str) -> None:
-    """Writer start-up: finish what a save that was killed had completed.
+def _newest_training_version(d: str) -> Optional[tuple[int, str]]:
+    """(step, name) of the newest complete ``iter_N`` version inside ``d``, or None."""
+    found = []
+    for x in os.listdir(d):
+        m = _VERSION_RE.match(x)
+        if m and m.group(2) and os.path.isfile(os.path.join(d, x, META_FILE)):
+            found.append((int(m.group(2)), x))
+    return max(found) if found else None
 
-    * ``home`` missing but ``home.partial`` complete (killed while putting a new checkpoint
-      directory in place): rename it into place;
+
+def _make_current(d: str, version: str) -> None:
+    meta = dataclasses.replace(_read_json_meta(os.path.join(d, version)), version=version)
+    _write_json(os.path.join(d, META_FILE), meta.to_json())
+
+
+def recover_home(home: str) -> None:
+    """Finish what a save that was killed had completed (writer start-up, and a re-run that
+    finds its run finished).
+
+    * ``home`` missing and ``home.partial`` holding a complete version (killed while building a
+      new checkpoint directory beside its target, after the version was in it): name the newest
+      training version if the staged tracker was not written yet, and rename it into place;
     * the tracker behind the newest complete training version (killed between renaming a
       version into place and replacing the tracker): name that version."""
     staged = home + ".partial"
-    if not os.path.exists(home) and _complete_home(staged):
-        os.rename(staged, home)
-        log0("recovered %s from an interrupted save", home)
+    if not os.path.exists(home) and os.path.isdir(staged):
+        newest = _newest_training_version(staged)
+        if newest and not _complete_home(staged):
+            _make_current(staged, newest[1])
+        if _complete_home(staged):
+            os.rename(staged, home)
+            log0("recovered %s from an interrupted save", home)
     if not os.path.isdir(home):
         return
     cur = current_version(home)
     if cur is None:
         return  # not a checkpoint directory, or an old flat checkpoint: nothing to recover
-    iters = sorted(
-        (int(m.group(2)), d)
-        for d in os.listdir(home)
-        if (m := _VERSION_RE.match(d)) and m.group(2) and os.path.isdir(os.path.join(home, d))
-    )
+    newest = _newest_training_version(home)
     m = _VERSION_RE.match(cur)
     cur_it = int(m.group(2)) if m and m.group(2) else -1
-    if iters and iters[-1][0] > cur_it:
-        newest = os.path.join(home, iters[-1][1])
-        meta = dataclasses.replace(_read_json_meta(newest), version=iters[-1][1])
-        _write_json(os.path.join(home, META_FILE), meta.to_json())
-        log0("recovered %s: its newest complete version %s is now current", home, iters[-1][1])
+    if newest and newest[0] > cur_it:
+        _make_current(home, newest[1])
+        log0("recovered %s: its newest complete version %s is now current", home, newest[1])
 
 
 def _collect_garbage(home: str, keep: int) -> None:

@@ -64,9 +64,27 @@ def training_model_kwargs(train) -> dict:
 
 
 def finished_run(plan, save: str) -> dict:
-    """A re-run of a finished command: report the stored metrics, change nothing."""
+    """A re-run of a finished command: report the stored metrics, train nothing.
+
+    A run killed inside its last save, after the final version was complete but before the
+    tracker named it (or before a new checkpoint directory was renamed into place), is finished
+    too - its final version is what the run resumes from - but ``save`` still presents the one
+    before. That version is made current here, as the next save would have done, so that what
+    ``save`` presents is the finished run."""
+    import torch.distributed as dist
+
+    from minitron_mcore.checkpoint.megatron import recover_home
+    from minitron_mcore.parallel import fail_together, launcher_ranks
     from minitron_mcore.utils.log import emit_metrics, log0
 
+    def recover():
+        recover_home(save.rstrip("/"))
+
+    ranks = launcher_ranks()
+    if dist.is_initialized():  # inside the pipeline: the other ranks read it next
+        fail_together(recover, rank0_only=True)
+    elif ranks is None or ranks[0] == 0:
+        recover()  # before the process group: the other ranks only report and exit
     log0("save=%s already holds this finished run; nothing to do (metrics below)", save)
     emit_metrics(plan.finished, None)
     return plan.finished

@@ -295,8 +295,9 @@ def _relative(x, work: str):
     return x
 
 
-# Provenance that differs from run to run by design (ids, wall-clock times).
-_VOLATILE = {"checkpoint_id", "seconds", "created", "time", "timestamp"}
+# Provenance that differs from run to run by design (ids, fingerprints made of ids, wall-clock
+# times).
+_VOLATILE = {"checkpoint_id", "fingerprint", "seconds", "created", "time", "timestamp"}
 
 
 def _strip(x):

@@ -9,7 +9,8 @@ run is a forked child (a fresh process for Megatron, without paying the imports 
 2. for each fault point k in POINTS (comma-separated, 1-based, see minitron_mcore/utils/faults):
    a child run that SIGKILLs itself at point k; then, in the parent, which checkpoint
    `save=` holds now (iteration, or none) and whether every tensor of it reads back; then the
-   same command again without faults, and whether its final weights equal the reference.
+   same command again without faults, the training step `save=` presents then, and whether
+   its weights equal the reference.
 """
 
 import json
@@ -73,7 +74,10 @@ def main():
         code = run(args, fault_at=k)
         it, readable = state_of(save)
         resumed = run(args)
-        same = resumed == 0 and all(torch.equal(ref[n], t) for n, t in weights(save).items())
+        final_it, _ = state_of(save)
+        same = final_it is not None and all(
+            torch.equal(ref[n], t) for n, t in weights(save).items()
+        )
         results.append(
             dict(
                 point=k,
@@ -81,6 +85,7 @@ def main():
                 iteration=it,
                 readable=readable,
                 resumed=resumed,
+                final_iteration=final_it,
                 same=same,
             )
         )
