@@ -377,8 +377,9 @@ def _pipeline_presented(run_dir: str, ref: dict, problems: list[str]) -> bool:
             if kind != "ckpt" and not os.path.isdir(path):
                 problems.append(f"step {step} is done but {path} is missing")
                 continue
-            try:
-                got = READERS[kind](path)
+            try:  # paths in its JSON relative to the work directory, as read_result's
+                work = os.path.dirname(os.path.abspath(run_dir))
+                got = {k: _relative(v, work) for k, v in READERS[kind](path).items()}
             except Exception as e:  # noqa: BLE001
                 problems.append(f"step {step} is done but {path} does not read: {e}"[:300])
                 continue
