@@ -32,43 +32,38 @@ _NOT_RESULT = {"overwrite", "save", "backend", "timeout_minutes", "cache_dir", "
 
 
 def _files(path: str) -> list:
+    """[name, size, mtime] of ``path``, of each file of a directory, or of a token prefix's
+    .bin/.idx."""
+    from minitron_mcore.data.datasets import _is_prefix
+
     if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        return [_stat(os.path.join(path, n)) for n in names if not n.startswith(".")]
-    if os.path.isfile(path + ".bin") and os.path.isfile(path + ".idx"):  # a token prefix
-        return [_stat(path + ".bin"), _stat(path + ".idx")]
-    return [_stat(path)]
-
-
-def _stat(path: str) -> list:
+        names = [n for n in sorted(os.listdir(path)) if n[0] != "."]
+        return [os.path.basename(path), [_files(os.path.join(path, n)) for n in names]]
+    if _is_prefix(path):
+        return [_files(path + ".bin"), _files(path + ".idx")]
     try:
         st = os.stat(path)
     except OSError:
         return [os.path.basename(path), None]
-    if os.path.isdir(path):
-        return [os.path.basename(path), _files(path)]
     return [os.path.basename(path), st.st_size, st.st_mtime_ns]
 
 
 def input_identity(value: str):
     """What distinguishes the input named ``value`` from any other (see the module doc)."""
-    if not isinstance(value, str) or not value or not os.path.exists(os.path.expanduser(value)):
-        if isinstance(value, str) and value and _is_prefix(value):
-            return {"path": os.path.abspath(value), "files": _files(value)}
-        return value  # a blend weight, demo:<name>, or an empty option
-    path = os.path.abspath(os.path.expanduser(value))
     from minitron_mcore.checkpoint.megatron import META_FILE, read_meta
+    from minitron_mcore.data.datasets import _is_prefix
 
+    if not isinstance(value, str) or not value:
+        return value  # a blend weight or an empty option
+    path = os.path.abspath(os.path.expanduser(value))
     if os.path.isfile(os.path.join(path, META_FILE)):
         try:
             return {"path": path, "checkpoint_id": read_meta(path).checkpoint_id}
         except MinitronError:
             return {"path": path, "unreadable": True}
-    return {"path": path, "files": _files(path)}
-
-
-def _is_prefix(p: str) -> bool:
-    return os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")
+    if os.path.exists(path) or _is_prefix(path):
+        return {"path": path, "files": _files(path)}
+    return value  # demo:<name>, or a path that does not exist (yet)
 
 
 def _options(x):
