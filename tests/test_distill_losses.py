@@ -100,6 +100,47 @@ def test_chunked_in_fp32_and_bf16_inputs():
     assert abs(b16.item() - ref.item()) / ref.item() < 5e-2
 
 
+class _CountOps(torch.overrides.TorchFunctionMode):
+    """Counts the matrix products and the tensors allocated with ``zeros_like`` under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls = self.zeros_like = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("matmul", "__matmul__", "mm"):
+            self.matmuls += 1
+        if name == "zeros_like":
+            self.zeros_like += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_validation_allocates_no_gradient_buffers():
+    """Under ``torch.no_grad()`` (KD validation) the student's weights still require grad, but
+    no gradient is wanted: only the two logit GEMMs per chunk run (no ``g @ ws``/``g.T @ hs``)
+    and no fp32 gradient buffer is allocated; with grad mode on, both are there."""
+    zs, _, labels, mask = _data()
+    g = torch.Generator().manual_seed(4)
+    hs = torch.randn(N, H, generator=g, requires_grad=True)
+    ws = torch.randn(V_PAD, H, generator=g, requires_grad=True)
+    ht, wt = torch.randn(N, 12, generator=g), torch.randn(V_PAD, 12, generator=g)
+    chunks = -(-N // 5)
+    counts = {}
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode), _CountOps() as ops:
+            kd, _ = chunked_kd(hs, ws, ht, wt, SPECS["forward"], mask, labels, 0, 5)
+            kd2, _ = vocab_parallel_kd(hs @ ws.t(), ht @ wt.t(), SPECS["forward"], labels)
+        counts[grad_mode] = (ops.matmuls, ops.zeros_like, kd.requires_grad)
+        if grad_mode:  # the same loss either way
+            assert torch.allclose(kd.detach(), counts["value"])
+        else:
+            counts["value"] = kd.detach()
+    # chunked: 2 logit GEMMs per chunk (+2 gradient GEMMs with grad); unchunked: 2 products
+    assert counts[False] == (2 * chunks + 2, 0, False), counts
+    assert counts[True] == (4 * chunks + 2, 2, True), counts
+
+
 def test_spec_rejects_nonsense():
     with pytest.raises(ValueError):
         KDSpec(10, mode="sideways")

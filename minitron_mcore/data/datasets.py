@@ -420,8 +420,15 @@ def build_eval_dataset(
 
 
 def collate(samples: list[dict]) -> dict:
+    """One micro-batch ``{tokens, labels, loss_mask, position_ids}``, each ``[b, s]``, on the
+    host. On a GPU machine in pinned memory, so that ``parallel.to_device`` - the one place a
+    batch crosses to the models' device (``train.step.run_schedule``) - copies it
+    asynchronously."""
     keys = ("tokens", "labels", "loss_mask", "position_ids")
-    return {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in keys}
+    out = {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in keys}
+    if torch.cuda.is_available():
+        out = {k: v.pin_memory() for k, v in out.items()}
+    return out
 
 
 class GlobalBatches:

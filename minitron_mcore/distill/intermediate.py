@@ -69,13 +69,14 @@ def attach_projections(student, pairs, h_s: int, h_t: int, hidden_kept: Optional
     if h_s == h_t:
         return
     projs = torch.nn.ModuleDict()
-    dtype = next(student.parameters()).dtype
+    ref = next(student.parameters())  # the projections live with the student's weights
     for j, _ in pairs:
-        p = torch.nn.Linear(h_s, h_t, bias=False, dtype=dtype)
+        p = torch.nn.Linear(h_s, h_t, bias=False, dtype=ref.dtype, device=ref.device)
         if hidden_kept is not None and len(hidden_kept) == h_s:
             with torch.no_grad():
                 p.weight.zero_()
-                p.weight[torch.as_tensor(hidden_kept), torch.arange(h_s)] = 1.0
+                rows = torch.as_tensor(hidden_kept, device=ref.device)
+                p.weight[rows, torch.arange(h_s, device=ref.device)] = 1.0
         projs[str(j)] = p
     student.kd_projection = projs
 

@@ -182,10 +182,19 @@ def kd_local(
     return kd, lm, grad
 
 
+def _grad_wanted(*tensors: torch.Tensor) -> bool:
+    """Will backward run through these inputs? Decided by the caller's grad mode, not only by
+    ``requires_grad``: under ``torch.no_grad()`` (validation) the student's weights still
+    require grad, and inside ``Function.forward`` both the grad mode (always off there) and
+    ``ctx.needs_input_grad`` (set from ``requires_grad`` alone) would say yes - each validation
+    chunk would then run two extra GEMMs and fill fp32 gradient buffers nobody reads."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, zs, zt, labels, spec, vocab_start, group):
-        kd, lm, grad = kd_local(zs, zt, labels, spec, vocab_start, group, zs.requires_grad)
+    def forward(ctx, zs, zt, labels, spec, vocab_start, group, need_grad):
+        kd, lm, grad = kd_local(zs, zt, labels, spec, vocab_start, group, need_grad)
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.zs_dtype = zs.dtype
         if lm is None:
@@ -196,7 +205,7 @@ class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_kd, g_lm):
         (grad,) = ctx.saved_tensors
-        return (grad * g_kd[:, None].to(grad.dtype)).to(ctx.zs_dtype), *([None] * 5)
+        return (grad * g_kd[:, None].to(grad.dtype)).to(ctx.zs_dtype), *([None] * 6)
 
 
 def vocab_parallel_kd(
@@ -216,7 +225,8 @@ def vocab_parallel_kd(
     zs = student_logits.reshape(-1, student_logits.shape[-1])
     zt = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     lab = None if labels is None else labels.reshape(-1)
-    kd, lm = _VocabParallelKD.apply(zs, zt, lab, spec, vocab_start, group)
+    need = _grad_wanted(student_logits)
+    kd, lm = _VocabParallelKD.apply(zs, zt, lab, spec, vocab_start, group, need)
     return kd.reshape(lead), lm.reshape(lead)
 
 
@@ -224,9 +234,8 @@ class _ChunkedKD(torch.autograd.Function):
     """Loss sum over tokens from hidden states; see :func:`chunked_kd`."""
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, labels, mask, spec, vocab_start, chunk, group):
+    def forward(ctx, hs, ws, ht, wt, labels, mask, spec, vocab_start, chunk, group, need):
         n = hs.shape[0]
-        need = hs.requires_grad or ws.requires_grad
         f = torch.promote_types(hs.dtype, torch.float32)
         grad_h = torch.zeros_like(hs, dtype=f) if need else None
         grad_w = torch.zeros_like(ws, dtype=f) if need else None
@@ -263,7 +272,7 @@ class _ChunkedKD(torch.autograd.Function):
         return (
             (grad_h * g_kd).to(ctx.dtypes[0]),
             (grad_w * g_kd).to(ctx.dtypes[1]),
-            *([None] * 8),
+            *([None] * 9),
         )
 
 
@@ -299,4 +308,5 @@ def chunked_kd(
         vocab_start,
         max(1, int(chunk_tokens)),
         group,
+        _grad_wanted(student_hidden, student_weight),
     )

@@ -161,9 +161,9 @@ class MinitronLM(TemplateLM):
         self._max_length = int(max_length or self.arch.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         require(self._batch_size > 0 and self.max_batch_tokens > 0, "batch sizes must be > 0")
-        self._device = torch.device(
-            f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        )
+        from minitron_mcore.parallel import device
+
+        self._device = device()
 
     @classmethod
     def from_loaded(cls, model, meta, tokenizer_path: str, **kw) -> MinitronLM:
@@ -254,8 +254,7 @@ class MinitronLM(TemplateLM):
         pipeline stage; its result on every rank."""
         from minitron_mcore.models.forward import forward_logits
 
-        tokens = right_pad(rows, self.eot_token_id).to(self._device)
-        logits = forward_logits(self.model, tokens, self.arch)
+        logits = forward_logits(self.model, right_pad(rows, self.eot_token_id), self.arch)
         return _from_last_stage(fn(logits) if logits is not None else None)
 
     def _batches(self, lengths: list[int], extra: int = 0):

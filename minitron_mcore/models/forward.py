@@ -32,8 +32,10 @@ def forward_logits(
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from minitron_mcore.parallel import to_device
+
     mbs = micro_batch_size or tokens.shape[0]
-    chunks = list(torch.split(tokens, mbs))
+    chunks = list(torch.split(to_device(tokens), mbs))  # [mbs, s] each, on the models' device
 
     def step(data_iter, model):
         t = next(data_iter)

@@ -341,11 +341,34 @@ def should_print_error(exc: BaseException, environ: Mapping[str, str] | None = N
     return ranks[1] == 0
 
 
-def comm_device() -> torch.device:
-    """Where small tensors for collectives must live: the current GPU with NCCL, CPU with gloo."""
+def device() -> torch.device:
+    """The device of this rank's models: the current GPU (``LOCAL_RANK`` mod the visible count,
+    set by :func:`init_process_group`), CPU without CUDA. Every tensor a model, a loss or an NCCL
+    collective sees is put here - by :func:`to_device` at the data boundary, or made here
+    with ``device=device()``."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+comm_device = device  # small tensors for collectives live where the models do (NCCL: the GPU)
+
+
+def to_device(obj):
+    """``obj`` (a tensor, or dicts / lists / tuples of them) on :func:`device`: the one place
+    host data (micro-batches, calibration batches, teacher inputs, stored logits) crosses to the
+    models' device. Tensors already there are returned as they are. Host tensors should be in
+    pinned memory (``data.datasets.collate`` pins on a GPU machine) so that the copy is
+    asynchronous (``non_blocking``) and overlaps the previous micro-batch's compute. (``.to``
+    of a tensor already on ``dev`` returns it without a copy.)"""
+    dev = device()
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v) for v in obj)
+    return obj
 
 
 def barrier() -> None:

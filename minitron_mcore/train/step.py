@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from minitron_mcore.parallel import to_device
 from minitron_mcore.train.losses import lm_loss_per_token, masked_mean
 
 LM = "lm loss"
@@ -93,7 +94,9 @@ def run_schedule(
         kw["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn  # only the 1F1B schedule takes it
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
+        # The data boundary: each micro-batch is copied to the models' device as the schedule
+        # takes it (asynchronously from pinned memory), student and teacher read that copy.
+        data_iterator=map(to_device, microbatches),
         model=model,
         num_microbatches=len(microbatches),
         seq_length=seq_length,
