@@ -10,7 +10,16 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, _env, canonical_weights, minitron, read_log, run_and_kill_when
+from conftest import (
+    ROOT,
+    WORKERS,
+    _env,
+    canonical_weights,
+    launch,
+    minitron,
+    read_log,
+    run_and_kill_when,
+)
 
 from minitron_mcore.train.state import read_train_state
 
@@ -61,6 +70,20 @@ def _correct_args(ckpt, data, save, steps, extra=()):
         "train.precision=fp32",
         *extra,
     ]
+
+
+def test_one_world_all_reduce_per_step(llama_ckpt, corpora, tmp_path):
+    """The loss reports and the preemption flag share one all-reduce a step (one host sync),
+    instead of one each: runs of 2 and 4 steps differ by exactly 2 WORLD all-reduces."""
+    counts = {}
+    for steps in (2, 4):
+        out = str(tmp_path / f"count{steps}")
+        args = _correct_args(llama_ckpt, corpora["stdlib-code"], str(tmp_path / f"s{steps}"), steps)
+        args += ["train.warmup_steps=0"]
+        launch([os.path.join(WORKERS, "count_world_collectives.py"), out, *args[2:]])
+        with open(out) as f:
+            counts[steps] = int(f.read())
+    assert counts[4] - counts[2] == 2, counts
 
 
 def test_resume_after_sigkill_is_bitwise_exact(llama_ckpt, corpora, tmp_path):

@@ -29,7 +29,7 @@ from minitron_mcore.checkpoint.megatron import CheckpointMeta
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datasets
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
-from minitron_mcore.parallel import comm_device
+from minitron_mcore.parallel import device
 from minitron_mcore.train import optim, sigterm_received
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.logger import RunLogger
@@ -66,7 +66,9 @@ class TrainJob:
 
 
 class _Preemption:
-    """SIGTERM (SLURM preemption / time limit) asks for a checkpoint at the next step."""
+    """SIGTERM (SLURM preemption / time limit) asks for a checkpoint at the next step. The
+    flag travels with the step's loss reports (:func:`share_reports`): one collective a step
+    tells every rank both."""
 
     def __init__(self):
         self.requested = sigterm_received()  # one that came before the loop ran
@@ -75,23 +77,21 @@ class _Preemption:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank got the signal."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
 
 
-def share_reports(reports: dict[str, float], names) -> dict[str, float]:
+def share_reports(reports: dict[str, float], names, flag: bool = False):
     """Reports live on the last pipeline stage; give every rank the same values (NaN is
-    carried as +inf, so a diverged loss is seen everywhere)."""
+    carried as +inf, so a diverged loss is seen everywhere), and OR ``flag`` (a rank's
+    preemption request) over all ranks in the same all-reduce - one collective and one host
+    sync per step. Returns ``({name: value}, any rank's flag)``."""
     vals = [reports.get(n, -math.inf) for n in names]
-    t = torch.tensor([math.inf if math.isnan(v) else v for v in vals], device=comm_device())
+    vals = [math.inf if math.isnan(v) else v for v in vals] + [1.0 if flag else 0.0]
+    t = torch.tensor(vals, dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(names, t.tolist()))
+    out = t.tolist()
+    return dict(zip(names, out[:-1])), out[-1] > 0
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def validate(model, forward_step, batches, seq_length: int, shapes_fn=None) -> d
         names = [sorted(reports)]
     dist.broadcast_object_list(names, src=dist.get_world_size() - 1)
     model.train(was_training)
-    return share_reports(reports, names[0])
+    return share_reports(reports, names[0])[0]
 
 
 def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) -> float:
@@ -205,6 +205,8 @@ class Trainer:
             config=dataclasses.asdict(cfg),
         )
         self.tok_files = job.tokenizer.files()
+        self._preempt: Optional[_Preemption] = None  # SIGTERM handling while run() runs
+        self.stop_requested = False  # a rank asked to stop (set by each train_step)
 
     def _build_data(self, dp_rank: int, dp: int) -> None:
         cfg = self.job.train
@@ -241,10 +243,12 @@ class Trainer:
         """Optimizer step ``step`` (1-based): ``{name: value}`` plus ``lr`` and ``grad_norm``,
         the same on every rank; one error if the optimised loss is not finite."""
         obj, values = self.objective, {}
+        asked = self._preempt is not None and self._preempt.requested
 
         def finite(reports):  # checked before the update: a NaN loss never reaches the weights
             names = sorted(reports) if reports else None
-            values.update(share_reports(reports, self._report_names(names)))
+            shared, self.stop_requested = share_reports(reports, self._report_names(names), asked)
+            values.update(shared)
             return math.isfinite(values[obj.primary])
 
         reports, grad_norm, lr = train_step(
@@ -312,7 +316,7 @@ class Trainer:
         val, first, last = {}, None, None
         if self.eval_batches and self.start == 0:
             self._validate_and_log(0, val)
-        preempt = _Preemption()
+        preempt = self._preempt = _Preemption()
         t0, step, preempted = time.time(), self.start, False
         saved = self.start  # the last step with a checkpoint
         try:
@@ -329,7 +333,7 @@ class Trainer:
                 self.logger.step(step, values, primary)
                 if self.eval_batches and cfg.eval_interval and step % cfg.eval_interval == 0:
                     self._validate_and_log(step, val)
-                if preempt.agreed():
+                if self.stop_requested:  # agreed on in the step's report all-reduce
                     log0("SIGTERM: saving a checkpoint at step %d and exiting", step)
                     self.save(step)
                     preempted = True
@@ -344,6 +348,7 @@ class Trainer:
                 self.save(step, final_metrics=metrics)
         finally:
             preempt.restore()
+            self._preempt = None
             self.logger.close()
         if preempted:
             metrics = self._metrics(step, preempted, first, last, val, t0)

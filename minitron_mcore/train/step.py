@@ -73,7 +73,8 @@ def reduce_reports(losses: list[dict], group=None) -> dict[str, float]:
     tot = torch.stack([torch.stack([x[n] for x in losses]).sum(0).float() for n in names])
     if group is not None:
         torch.distributed.all_reduce(tot, group=group)  # [names, 2]
-    return {n: (tot[i, 0] / tot[i, 1].clamp(min=1)).item() for i, n in enumerate(names)}
+    means = (tot[:, 0] / tot[:, 1].clamp(min=1)).tolist()  # one host sync for all names
+    return dict(zip(names, means))
 
 
 def run_schedule(
