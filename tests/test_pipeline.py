@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import canonical_weights, minitron, run_and_kill_when
+from conftest import WORKERS, canonical_weights, launch, minitron, run_and_kill_when
 
 pytestmark = pytest.mark.multiproc
 
@@ -67,9 +67,21 @@ def _marker(run_dir, step):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    """The tiny pipeline, run through a worker that counts the process groups it creates."""
     run_dir = str(tmp_path_factory.mktemp("pipeline") / "run")
-    r = _pipeline(run_dir)
+    counts = run_dir + ".groups.json"
+    worker = os.path.join(WORKERS, "count_groups.py")
+    r = launch([worker, counts, "pipeline", f"run_dir={run_dir}", *TINY])
     return run_dir, r
+
+
+def test_model_parallel_groups_are_made_once_per_layout(finished):
+    """~15 commands in one process group, one layout: Megatron's groups are made once (every
+    set is a set of NCCL communicators per GPU), and no other group is made."""
+    with open(finished[0] + ".groups.json") as f:
+        counts = json.load(f)
+    assert len(counts["inits"]) == 1 and counts["inits"][0] > 0, counts
+    assert counts["new_groups"] == counts["inits"][0], counts
 
 
 def _hf_valid_loss(run_dir, hf_dir, corpus_key):

@@ -247,12 +247,48 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
         f"world size {world} is not divisible by parallel.tp*parallel.pp="
         f"{parallel.tp * parallel.pp}; launch a multiple of tp*pp processes",
     )
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
-    )
+    if not (ps.model_parallel_is_initialized() and _layout() == (parallel.tp, parallel.pp)):
+        # Groups are made once per layout: ``minitron pipeline`` runs ~15 commands in one
+        # process group, and every set of groups is a set of NCCL communicators on each GPU.
+        _destroy_model_parallel_groups()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+        )
     set_seed(seed)
+
+
+def _layout() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
+
+
+def _destroy_model_parallel_groups() -> None:
+    """Free Megatron's groups of the current layout, then forget them. Megatron's
+    ``destroy_model_parallel`` only drops its references to them: the communicators (NCCL's
+    GPU memory and connections) would stay for the life of the process group."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return
+    groups, stack = {}, list(vars(ps).values())
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dist.ProcessGroup):
+            groups[id(x)] = x
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    ps.destroy_model_parallel()  # destroys its gloo groups itself
+    for g in groups.values():
+        if g is dist.group.WORLD or g is dist.distributed_c10d._get_default_group():
+            continue
+        try:
+            dist.destroy_process_group(g)
+        except ValueError:  # already destroyed (Megatron's gloo groups)
+            pass
 
 
 def shutdown() -> None:
@@ -261,14 +297,15 @@ def shutdown() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # the default group and every group made from it
 
 
 @contextlib.contextmanager
 def parallel_context(parallel: ParallelConfig, seed: int = 1234):
     """Process group + model-parallel groups for one command. Re-entrant: inside an outer
-    context (``minitron pipeline`` runs every stage in one process group) the groups are
-    rebuilt for this layout and seed, and the process group is left to the outer owner."""
+    context (``minitron pipeline`` runs every stage in one process group) the groups of the
+    same layout are kept (another layout replaces them), the seeds are set anew, and the
+    process group is left to the outer owner."""
     owner = not dist.is_initialized()
     try:
         init_parallel(parallel, seed)
