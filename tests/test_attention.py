@@ -189,6 +189,7 @@ def test_local_spec_uses_sdpa_and_te_spec_is_untouched():
 
     from minitron_mcore.models.attention import SDPAttention
     from minitron_mcore.models.build import layer_spec
+    from minitron_mcore.models.norm import RMSNorm
 
     ours = layer_spec(use_te=False)
     megatron = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -198,8 +199,11 @@ def test_local_spec_uses_sdpa_and_te_spec_is_untouched():
     assert attn.module is meg_attn.module and attn.params == meg_attn.params
     for field in ("linear_qkv", "linear_proj", "q_layernorm", "k_layernorm"):
         assert getattr(attn.submodules, field) == getattr(meg_attn.submodules, field), field
-    for field in ("input_layernorm", "pre_mlp_layernorm", "mlp", "self_attn_bda", "mlp_bda"):
+    for field in ("mlp", "self_attn_bda", "mlp_bda", "sharded_state_dict_keys_map"):
         assert getattr(ours.submodules, field) == getattr(megatron.submodules, field), field
+    # The norms are torch's RMSNorm as in Megatron's spec, marked for sequence parallelism
+    # (models/norm.py); the key map keeps their checkpoint names (the TE spec's).
+    assert ours.submodules.input_layernorm is ours.submodules.pre_mlp_layernorm is RMSNorm
     # The TE spec is only built where TE imports; there the core attention stays TE's.
     if torch.cuda.is_available():
         pytest.importorskip("transformer_engine")
@@ -227,3 +231,23 @@ def test_gpt_model_built_with_sdpa():
     assert len(cores) == 2 and all(type(c) is SDPAttention for c in cores)
     # Same state dict keys as with Megatron's attention (checkpoints stay compatible).
     assert not any("core_attention" in k for k in model.state_dict())
+
+
+def test_rms_norm_is_torchs_and_marked_for_sequence_parallelism():
+    """models.norm.RMSNorm computes what Megatron's WrappedTorchNorm (torch.nn.RMSNorm) does, has
+    its state dict, and marks its weight for the TP all-reduce of sequence parallelism."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from minitron_mcore.models.norm import RMSNorm
+
+    kw = dict(num_layers=1, hidden_size=16, num_attention_heads=2, normalization="RMSNorm")
+    ref = WrappedTorchNorm(TransformerConfig(**kw), 16, eps=1e-6)
+    ours = RMSNorm(TransformerConfig(**kw), 16, eps=1e-6, persist_layer_norm=True)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 16)
+    assert torch.equal(ours(x), ref(x)) and ours.weight.sequence_parallel is False
+    sp = TransformerConfig(**kw, tensor_model_parallel_size=2, sequence_parallel=True)
+    assert RMSNorm(sp, 16).weight.sequence_parallel is True

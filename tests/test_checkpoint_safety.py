@@ -221,3 +221,26 @@ def _kill_at(kill_points, llama_ckpt, corpora, tmp_path):
         allowed = {None, 1} if r["point"] <= 8 else {1, 2}
         assert r["iteration"] in allowed and r["readable"], r
         assert r["resumed"] == 0 and r["final_iteration"] == 3 and r["same"], r
+
+
+def test_loaded_state_may_lack_only_te_extra_state():
+    """A Transformer Engine module lists ``_extra_state`` in ``state_dict()`` that Megatron
+    leaves out of the sharded checkpoint when it is empty: that key alone may be missing."""
+    from minitron_mcore.checkpoint.megatron import load_loaded_state
+    from minitron_mcore.errors import MinitronError
+
+    class WithExtraState(torch.nn.Linear):  # what a TE module looks like to load_state_dict
+        def get_extra_state(self):
+            return torch.zeros(0)
+
+        def set_extra_state(self, state):
+            pass
+
+    model = torch.nn.Sequential(WithExtraState(2, 2))
+    good = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    load_loaded_state(model, {k: torch.ones_like(v) for k, v in good.items()}, "ckpt")
+    assert all(bool((v == 1).all()) for v in model.state_dict().values() if v.numel())
+    for bad in ({"0.weight": good["0.weight"]}, dict(good, extra=torch.zeros(1))):
+        with pytest.raises(MinitronError, match="do not fit the model") as e:
+            load_loaded_state(model, bad, "ckpt")
+        assert "\n" not in str(e.value)

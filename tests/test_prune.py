@@ -352,3 +352,21 @@ def test_layer_losses_from_cached_inputs_equal_full_passes(ckpts, corpora, tmp_p
         # removing different blocks gives different losses, none the full model's
         assert runs["full"][key].unique().numel() == runs["full"][key].numel()
         assert (runs["full"][key] - runs["full"]["base_loss"]).abs().min() > 1e-4
+
+
+def test_checkpoints_hold_the_te_specs_norm_names(llama_ckpt):
+    """``importance`` scores with the local spec (its norms are modules a hook can see); the
+    Transformer Engine spec fuses each norm into the next linear layer. Both read and write the
+    same tensors: checkpoints name the norms as the TE spec does (the local spec maps its
+    ``input_layernorm`` / ``pre_mlp_layernorm`` onto them), so a checkpoint trained with the TE
+    spec on GPUs is scored and pruned through the same names. (The TE spec itself is checked
+    on a GPU: tests/gpu.)"""
+    from minitron_mcore.checkpoint.megatron import WeightsReader
+
+    names = set(WeightsReader(llama_ckpt).shapes)
+    assert {
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        "decoder.final_layernorm.weight",
+    } <= names
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names), names

@@ -459,7 +459,6 @@ def save_checkpoint(
     default a fresh ``release-<id>``); ``keep`` training versions are kept (the module
     docstring describes the layout and why every instant of a save is safe)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     _in_process_write_results()
@@ -513,13 +512,31 @@ def save_checkpoint(
 
     fail_together(make_tmp, rank0_only=True)
     try:
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+        dist_save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
         fail_together(rank_files)
         fail_together(commit, rank0_only=True)
     except BaseException:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def dist_save(sharded_state_dict, directory: str) -> None:
+    """``dist_checkpointing.save``, fully parallel over data-parallel replicas: the tensors
+    every replica holds are written by one replica each, spread evenly over them (Megatron-LM's
+    ``--ckpt-fully-parallel-save``), instead of all by the first replica."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    from minitron_mcore.checkpoint.safe_load import replica_group
+
+    strategy, group = None, replica_group()
+    if group is not None:
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+    dist_checkpointing.save(sharded_state_dict, directory, sharded_strategy=strategy)
 
 
 def load_weights(model, path: str) -> None:
@@ -529,8 +546,23 @@ def load_weights(model, path: str) -> None:
     weights = os.path.join(check_checkpoint_dir(path), WEIGHTS_DIR)
     with reading_checkpoint(weights):
         state = dist_load(model.sharded_state_dict(), weights)
-    model.load_state_dict(state, strict=True)
+    load_loaded_state(model, state, path)
     _require_finite(model, path)
+
+
+def load_loaded_state(model, state: dict, path: str) -> None:
+    """``model.load_state_dict(state)``, strict except for Transformer Engine's ``_extra_state``
+    entries: TE modules list one in ``state_dict()`` that Megatron leaves out of
+    ``sharded_state_dict()`` where it holds nothing (TE's attention without FP8), so the loaded
+    state cannot have it (Megatron-LM retries such loads with ``strict=False``). Every weight
+    must still be there, and nothing else may be."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    require(
+        not missing and not result.unexpected_keys,
+        f"the weights in {path} do not fit the model built from its config.json (missing "
+        f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}); re-create the checkpoint",
+    )
 
 
 def _require_finite(model, path: str) -> None:
@@ -555,11 +587,18 @@ def _require_finite(model, path: str) -> None:
 def load_model(path: str, dtype: Optional[torch.dtype] = None, use_te=None, **config_kw):
     """Build this rank's stage of the checkpoint's model and load its weights.
 
-    ``use_te=False`` forces the local layer spec (separate norm modules, for activation hooks)."""
-    from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
+    ``use_te=False`` forces the local layer spec (separate norm modules, for activation hooks).
+    The weights are not drawn at random before the load overwrites them
+    (:func:`~minitron_mcore.models.build.loaded_weights_kwargs`)."""
+    from minitron_mcore.models.build import (
+        build_model_for_stage,
+        loaded_weights_kwargs,
+        resolve_dtype,
+    )
 
     meta = read_meta(path)
     dtype = dtype or resolve_dtype(meta.dtype)
+    config_kw = {**loaded_weights_kwargs(), **config_kw}
     model = build_model_for_stage(meta.arch, dtype, use_te=use_te, **config_kw)
     load_weights(model, path)
     return model, meta

@@ -209,12 +209,35 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
 
 
 def dist_load(sharded_state_dict, checkpoint_dir: str):
-    """``megatron.core.dist_checkpointing.load`` with the restricted readers above."""
+    """``megatron.core.dist_checkpointing.load`` with the restricted readers above, fully
+    parallel over data-parallel replicas (:func:`replica_group`): each replica reads its share of
+    the tensors they all need and the shares are exchanged, instead of every replica reading the
+    whole checkpoint (Megatron-LM's ``--ckpt-fully-parallel-load``)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
 
+    strategy = SafeTorchDistLoadStrategy()
+    group = replica_group()
+    if group is not None:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, group)
     return dist_checkpointing.load(
         sharded_state_dict,
         checkpoint_dir,
-        sharded_strategy=SafeTorchDistLoadStrategy(),
+        sharded_strategy=strategy,
         common_strategy=SafeCommonLoadStrategy(),
     )
+
+
+def replica_group():
+    """The data-parallel group (context parallelism included) whose ranks hold the same model
+    shards - the group Megatron-LM spreads checkpoint reads and writes over; None when there
+    is no such group of more than one rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None

@@ -49,11 +49,14 @@ def layer_spec(use_te: bool | None = None):
 
 def local_layer_spec():
     """Megatron's local spec (RMSNorm) with ``SDPAttention`` as the self-attention's
-    ``core_attention``; every other submodule is Megatron's."""
+    ``core_attention`` and :class:`~minitron_mcore.models.norm.RMSNorm` as its norms (which
+    work with sequence parallelism and on a GPU, where Megatron's ``WrappedTorchNorm`` does
+    not); every other submodule is Megatron's."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from minitron_mcore.models.attention import SDPAttention
+    from minitron_mcore.models.norm import RMSNorm
 
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     attn = spec.submodules.self_attention
@@ -66,9 +69,48 @@ def local_layer_spec():
         )
     attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
     layer_sub = dataclasses.replace(
-        spec.submodules, self_attention=dataclasses.replace(attn, submodules=attn_sub)
+        spec.submodules,
+        self_attention=dataclasses.replace(attn, submodules=attn_sub),
+        input_layernorm=RMSNorm,
+        pre_mlp_layernorm=RMSNorm,
     )
     return dataclasses.replace(spec, submodules=layer_sub)
+
+
+def block_spec(config, use_te: bool):
+    """What ``GPTModel`` builds its decoder from: the TE layer spec as it is; for the local
+    spec, this stage's layers plus :class:`~minitron_mcore.models.norm.RMSNorm` as the final
+    norm - given a layer spec alone, Megatron picks the final norm by what is installed (Apex's
+    LayerNorm-only ``FusedLayerNorm`` where Apex is, TE's where TE is)."""
+    if use_te:
+        return layer_spec(True)
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from minitron_mcore.models.norm import RMSNorm
+
+    n = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[local_layer_spec()] * n, layer_norm=RMSNorm)
+
+
+def _keep_as_allocated(weight: torch.Tensor) -> None:
+    """An init method that leaves the weight as allocated (see loaded_weights_kwargs)."""
+
+
+def loaded_weights_kwargs() -> dict:
+    """TransformerConfig fields for a model whose weights are loaded right after it is built:
+    no random draw (the normal init of an 8B model costs minutes on the host). Not
+    ``perform_initialization=False``: Megatron 0.16 sets the tensor-parallel attributes of its
+    parallel layers' weights inside the initialisation it skips, and without them the
+    gradient norm (and everything else that asks whether a parameter is sharded) treats every
+    sharded weight as a TP duplicate. Init methods that do nothing keep those attributes."""
+    return {
+        "init_method": _keep_as_allocated,
+        "output_layer_init_method": _keep_as_allocated,
+        "embedding_init_method": _keep_as_allocated,
+    }
 
 
 def transformer_config(
@@ -84,11 +126,14 @@ def transformer_config(
 
     Dropout defaults to 0 (Megatron's default is 0.1): Llama, Mistral and Qwen are trained without
     it, and equal-logits comparisons need it off.  ``extra`` passes further TransformerConfig
-    fields (e.g. ``calculate_per_token_loss`` for training).
+    fields: what training turns on (``calculate_per_token_loss``, ``sequence_parallel``,
+    ``gradient_accumulation_fusion``, recomputation: ``train/fast_paths.py``), the RoPE fusion
+    of the TE spec, ``perform_initialization=False`` for models whose weights are loaded.
     """
     from megatron.core.transformer import TransformerConfig
 
     gpu = torch.cuda.is_available()
+    extra = {"apply_rope_fusion": False, "gradient_accumulation_fusion": False, **extra}
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -115,9 +160,9 @@ def transformer_config(
         use_cpu_initialization=not gpu,
         masked_softmax_fusion=gpu,
         bias_activation_fusion=gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=gpu,
+        # Only Apex's LayerNorm has a persistent kernel; every norm here is an RMSNorm (and
+        # Megatron's torch norm refuses the flag).
+        persist_layer_norm=False,
         **extra,
     )
 
@@ -135,7 +180,9 @@ def build_gpt(
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=block_spec(
+            config, have_transformer_engine() if use_te is None else use_te
+        ),
         vocab_size=padded_vocab_size(arch.vocab_size, vocab_multiple),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -151,13 +198,18 @@ def build_gpt(
 def build_model_for_stage(
     arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None, **config_kw
 ):
-    """Build this rank's part of the model using the already-initialised parallel state."""
+    """Build this rank's part of the model using the already-initialised parallel state, on
+    this rank's device (``parallel.device()``). ``use_te``: the Transformer Engine spec (None:
+    when TE is importable on a GPU), with its fused RoPE as Megatron-LM uses it."""
     from megatron.core import parallel_state as ps
+
+    from minitron_mcore.parallel import device
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     arch.check_parallel(tp, pp)
-    config = transformer_config(arch, tp, pp, dtype, **config_kw)
+    use_te = have_transformer_engine() if use_te is None else use_te
+    config = transformer_config(arch, tp, pp, dtype, **{"apply_rope_fusion": use_te, **config_kw})
     model = build_gpt(
         arch,
         config,
@@ -165,9 +217,9 @@ def build_model_for_stage(
         post_process=ps.is_pipeline_last_stage(),
         use_te=use_te,
     )
-    if dtype != torch.float32:
-        # Megatron leaves some modules (the torch RMSNorm of the local spec) in fp32 when
-        # params_dtype is bf16; mixed dtypes defeat the fused norm kernel. Megatron-LM casts the
-        # whole model (Float16Module) - so do we.
-        model.to(dtype)
+    # Megatron builds its parallel layers on the GPU (``use_cpu_initialization`` off there) but
+    # plain torch modules (the local spec's norms) on the host, and leaves those in fp32 when
+    # params_dtype is bf16 (mixed dtypes defeat the fused norm kernel). Megatron-LM moves the
+    # whole model to the GPU and casts it (``get_model``: ``.cuda()``, Float16Module) - so do we.
+    model.to(device=device(), dtype=dtype)
     return model

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from minitron_mcore.checkpoint.megatron import (
     META_FILE,
     CheckpointMeta,
+    dist_save,
     load_weights,
     reading_checkpoint,
     resolve_checkpoint,
@@ -130,14 +131,13 @@ def save_training_checkpoint(
 ) -> None:
     """Collective save of everything needed to resume, as version ``iter_<step>``; the
     ``keep`` newest versions are kept."""
-    from megatron.core import dist_checkpointing
 
     def extra(tmp: str) -> None:
         # The file operations of single ranks go through fail_together (one rank's failure is
         # every rank's at once); Megatron's optimizer save between them is collective.
         fail_together(lambda: os.makedirs(os.path.join(tmp, OPTIM_DIR), exist_ok=True))
         model_sd = model.sharded_state_dict()
-        dist_checkpointing.save(
+        dist_save(
             optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
             os.path.join(tmp, OPTIM_DIR),
         )
