@@ -78,3 +78,26 @@ def test_dropout_in_tracker_fork_reproducible():
             return torch.nn.functional.dropout(torch.ones(64), p=0.5)
 
     assert torch.equal(masks(), masks())
+
+
+def test_cuda_allocations_in_a_custom_backward_land_on_cpu():
+    """The autograd engine empties the torch-function mode stack for a custom Function's
+    backward; Megatron allocates there with device=torch.cuda.current_device() (sequence
+    parallelism's reduce-scatter buffers, recomputed forwards). The compat layer covers it."""
+    from minitron_mcore import compat
+
+    compat.activate()
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            buf = torch.empty(list(g.shape), dtype=g.dtype, device=torch.cuda.current_device())
+            return buf.copy_(g) * 2
+
+    x = torch.ones(3, requires_grad=True)
+    Double.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))

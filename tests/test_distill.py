@@ -142,6 +142,41 @@ def test_sharded_step_equals_unsharded(
         assert rel <= 1e-4, (k, rel.item())
 
 
+def _steps(student, teacher, data, save, steps, tp, nproc, extra=()):
+    args = _distill_args(student, teacher, data, save, steps, *extra)
+    minitron(*args, f"parallel.tp={tp}", nproc=nproc)
+    rows = [r for r in read_log(save + ".logs/train_log.jsonl") if "train/loss" in r]
+    return rows, canonical_weights(save)
+
+
+def test_sequence_parallel_equals_plain_tensor_parallel(student, teacher, corpora, tmp_path):
+    """TP=2 with sequence parallelism (both models' hidden states split over the sequence:
+    the KD loss and the hidden-state loss gather them) equals TP=2 without it: every step's
+    losses and gradient norm, and the weights after 3 steps (rel <= 1e-5)."""
+    data = corpora["stdlib-code"]
+    runs = {
+        sp: _steps(
+            student,
+            teacher,
+            data,
+            str(tmp_path / f"sp-{sp}"),
+            3,
+            2,
+            2,
+            HIDDEN + (f"parallel.sequence_parallel={sp}",),
+        )
+        for sp in ("false", "true")
+    }
+    (rows, w), (sp_rows, sp_w) = runs.values()
+    assert len(rows) == len(sp_rows) == 3
+    for row, sp_row in zip(rows, sp_rows):
+        for key in ("train/loss", "train/lm_loss", "train/hidden_loss", "train/grad_norm"):
+            assert abs(sp_row[key] - row[key]) <= 1e-5 * abs(row[key]), (key, row, sp_row)
+    for k in w:
+        assert (sp_w[k] - w[k]).abs().max() <= 1e-5 * w[k].abs().max(), k
+    assert any((w[k] != canonical_weights(student)[k]).any() for k in w)  # it trained
+
+
 def test_distillation_lowers_kd_loss_and_keeps_the_student_shape(
     student, teacher, corpora, tmp_path
 ):

@@ -8,7 +8,7 @@ Megatron provides a CPU fallback for these, so this module is written by hand.  
 place in the project that patches torch or Megatron, and it is activated only when CUDA is
 unavailable (see ``minitron_mcore.compat.activate``).
 
-Three pieces:
+Four pieces:
 
 * :class:`CudaToCpuMode` - a ``TorchFunctionMode`` that rewrites CUDA device arguments to
   CPU, makes ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` the way a CUDA tensor
@@ -16,6 +16,8 @@ Three pieces:
 * :class:`CpuRNGStatesTracker` - Megatron's RNG tracker with the CPU generator standing in for
   the CUDA one, so tensor-parallel dropout is reproducible and differs per TP rank.
 * no-op stand-ins for streams, events, NVTX, ``synchronize`` and memory statistics.
+* the mode re-entered for custom autograd ``Function``s' backward, which the autograd engine
+  runs with the mode stack emptied.
 """
 
 from __future__ import annotations
@@ -201,6 +203,25 @@ def _patch_megatron():
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_autograd_backward():
+    """The autograd engine runs a custom ``Function``'s ``backward`` with the torch-function
+    mode stack emptied, so :class:`CudaToCpuMode` does not see what Megatron allocates there -
+    e.g. the reduce-scatter buffers of sequence parallelism
+    (``torch.empty(..., device=torch.cuda.current_device())``) and the forward that
+    activation recomputation replays. Each such backward runs under the mode again."""
+    from torch.autograd.function import BackwardCFunction
+
+    plain = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch.overrides._get_current_function_mode_stack():
+            return plain(self, *args)
+        with CudaToCpuMode():
+            return plain(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 _MODE: CudaToCpuMode | None = None
 
 
@@ -211,6 +232,7 @@ def activate_cpu_compat() -> None:
         return
     _patch_torch_cuda()
     _patch_megatron()
+    _patch_autograd_backward()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
 

@@ -38,12 +38,30 @@ class HiddenLoss:
 
     def loss_sum(self, student, outs, mask) -> torch.Tensor:
         s_out, t_out = outs
+        if student.config.sequence_parallel:
+            s_out = {j: _whole_sequence(x, "replicated") for j, x in s_out.items()}
+            t_out = {i: _whole_sequence(x, None) for i, x in t_out.items()}
         projs = getattr(student, "kd_projection", None)
         total = sum(
             cosine_loss_sum(s_out[j], t_out[i], mask, projs[str(j)] if projs else None)
             for j, i in self.pairs
         )
         return total / len(self.pairs)
+
+
+def _whole_sequence(x: torch.Tensor, grad: Optional[str]) -> torch.Tensor:
+    """Under sequence parallelism each TP rank holds ``[s/tp, b, h]`` of a layer's output:
+    all-gather the sequence. ``grad``: None for the teacher (no gradient); ``"replicated"``
+    when every TP rank computes the same loss from the gathered tensor (the backward keeps
+    this rank's part of the gradient); ``"partial"`` when each rank's loss holds only its
+    vocabulary slice's share (the backward sums the ranks' gradients, then keeps this rank's
+    part: a reduce-scatter, as Megatron's output layer does)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    if grad is None:
+        with torch.no_grad():
+            return gather_from_sequence_parallel_region(x.detach())
+    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=grad == "partial")
 
 
 def _kd_loss_func(
@@ -56,15 +74,22 @@ def _kd_loss_func(
     layer_outs,
     out,
 ):
-    """Last stage: ``out`` [s, b, h_s] and ``teacher_hidden`` [s, b, h_t] -> loss sum."""
+    """Last stage: ``out`` [s, b, h_s] and ``teacher_hidden`` [s, b, h_t] -> loss sum (with
+    sequence parallelism: [s/tp, b, h] each, gathered here)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
+    if pair.student.config.sequence_parallel:
+        # All-gather forward; backward: reduce-scatter, summing each rank's vocabulary
+        # slice's share of d loss / d hidden - what Megatron's output layer does.
+        out = _whole_sequence(out, "partial")  # [s, b, h_s]
+        teacher_hidden = _whole_sequence(teacher_hidden, None)  # [s, b, h_t]
     hs = out.transpose(0, 1).reshape(-1, out.shape[-1])  # [b*s, h_s], labels' order
     ht = teacher_hidden.transpose(0, 1).reshape(-1, teacher_hidden.shape[-1])
-    # Identity forward, all-reduce of the gradient over TP ranks backward: each rank's
-    # vocabulary slice contributes its share of d loss / d hidden.
-    hs = copy_to_tensor_model_parallel_region(hs)
+    if not pair.student.config.sequence_parallel:
+        # Identity forward, all-reduce of the gradient over TP ranks backward: each rank's
+        # vocabulary slice contributes its share of d loss / d hidden.
+        hs = copy_to_tensor_model_parallel_region(hs)
     ws, wt = output_weight(pair.student), output_weight(pair.teacher)
     mask = batch["loss_mask"].reshape(-1)
     kd_sum, lm_sum = chunked_kd(

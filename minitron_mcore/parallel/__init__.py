@@ -34,6 +34,9 @@ class ParallelConfig:
     """Process-group backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
     timeout_minutes: int = 30
     """Collective timeout."""
+    sequence_parallel: str = "auto"
+    """Split norms, dropout and residuals of trained models over the TP ranks along the
+    sequence: auto (on GPUs when tp > 1), true, false (``train/fast_paths.py``)."""
 
 
 def _free_port() -> int:

@@ -54,15 +54,6 @@ def check_tokenizer_vocab(tokenizer, vocab_size: int) -> None:
     )
 
 
-def training_model_kwargs(train) -> dict:
-    """TransformerConfig fields every training stage sets from ``train.*``."""
-    return dict(
-        hidden_dropout=train.hidden_dropout,
-        attention_dropout=train.attention_dropout,
-        calculate_per_token_loss=True,
-    )
-
-
 def finished_run(plan, save: str) -> dict:
     """A re-run of a finished command: report the stored metrics, train nothing.
 

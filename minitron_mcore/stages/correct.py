@@ -27,8 +27,8 @@ from minitron_mcore.stages.common import (
     dtype_name,
     finished_run,
     train_dtype,
-    training_model_kwargs,
 )
+from minitron_mcore.train import fast_paths
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
 from minitron_mcore.train.resume import plan_resume, run_signature
@@ -102,7 +102,7 @@ def correct(cfg: CorrectConfig) -> dict:
         model, _ = load_model(
             cfg.load,
             dtype,
-            **training_model_kwargs(train),
+            **fast_paths.model_kwargs(train, cfg.parallel),
         )
         meta = dataclasses.replace(meta, dtype=dtype_name(dtype))
         job = TrainJob(

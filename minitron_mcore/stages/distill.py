@@ -36,8 +36,8 @@ from minitron_mcore.stages.common import (
     dtype_name,
     finished_run,
     train_dtype,
-    training_model_kwargs,
 )
+from minitron_mcore.train import fast_paths
 from minitron_mcore.train.loop import Trainer, TrainJob, resolve_train_config
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.train.step import lm_forward_step
@@ -191,8 +191,10 @@ def distill(cfg: DistillConfig) -> dict:
             spec.mode,
             spec.temperature,
         )
-        student, _ = load_model(cfg.load, dtype, **training_model_kwargs(train))
-        teacher, _ = load_model(cfg.teacher, teacher_dtype)
+        student, _ = load_model(cfg.load, dtype, **fast_paths.model_kwargs(train, cfg.parallel))
+        # The teacher runs in the student's schedule: the same sequence split between stages.
+        sp = student.config.sequence_parallel
+        teacher, _ = load_model(cfg.teacher, teacher_dtype, sequence_parallel=sp)
         hidden = _hidden_loss(cfg.distill, student, teacher, smeta, tmeta)
         job = TrainJob(
             stage="distill",

@@ -25,8 +25,8 @@ from minitron_mcore.stages.common import (
     dtype_name,
     finished_run,
     train_dtype,
-    training_model_kwargs,
 )
+from minitron_mcore.train import fast_paths
 from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.utils.log import emit_metrics, human_count, log0
@@ -78,7 +78,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = build_model_for_stage(
             arch,
             dtype,
-            **training_model_kwargs(train),
+            **fast_paths.model_kwargs(train, cfg.parallel),
         )
         meta = CheckpointMeta(arch=arch, dtype=dtype_name(dtype))
         job = TrainJob(

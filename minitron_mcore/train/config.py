@@ -34,6 +34,18 @@ class TrainConfig:
     """Gradient-norm clipping (0 = off)."""
     distributed_optimizer: str = "auto"
     """Shard optimizer state over DP ranks: auto (on GPU), true, false."""
+    recompute: str = "auto"
+    """Activation recomputation: auto (selective from 8192-token samples on GPUs, else none),
+    none, selective (core attention) or full (every layer). ``train/fast_paths.py``."""
+    gradient_accumulation_fusion: str = "auto"
+    """Accumulate weight gradients into the fp32 main grads inside the GEMM: auto (on GPUs
+    with Apex's kernel, as in NGC containers), true, false."""
+    overlap_grad_reduce: str = "auto"
+    """Overlap the data-parallel gradient reduction with backward, in buckets: auto (on GPUs
+    with DP > 1), true, false."""
+    overlap_param_gather: str = "auto"
+    """With the distributed optimizer, overlap the parameter all-gather with the next forward:
+    auto (on GPUs with DP > 1), true, false."""
     precision: str = "auto"
     """auto (bf16 on GPUs that support it, fp32 otherwise), fp32 or bf16."""
     hidden_dropout: float = 0.0

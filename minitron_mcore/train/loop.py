@@ -30,7 +30,7 @@ from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datase
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.parallel import device
-from minitron_mcore.train import optim, sigterm_received
+from minitron_mcore.train import fast_paths, optim, sigterm_received
 from minitron_mcore.train.config import TrainConfig
 from minitron_mcore.train.logger import RunLogger
 from minitron_mcore.train.state import load_training_checkpoint, save_training_checkpoint
@@ -150,6 +150,9 @@ def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) ->
             f"train.micro_batch_size={cfg.micro_batch_size} x data-parallel size {dp}; "
             "make it a multiple",
         )
+        # the fast-path keys, checked before any work (they are read again at set-up)
+        fast_paths.model_kwargs(cfg, parallel)
+        fast_paths.ddp_kwargs(cfg, optim.use_distributed_optimizer(cfg), dp)
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     return dataclasses.replace(cfg, min_lr=min_lr)
 
@@ -179,7 +182,7 @@ class Trainer:
         self.job, cfg = job, job.train
         self.objective = job.objective or lm_objective(job.meta.arch.vocab_size)
         use_dist_opt = optim.use_distributed_optimizer(cfg)
-        self.ddp = optim.wrap_ddp(job.model, job.model.config, use_dist_opt)
+        self.ddp = optim.wrap_ddp(job.model, job.model.config, use_dist_opt, cfg)
         self.opt = optim.build_optimizer(self.ddp, cfg, job.model.config, use_dist_opt)
         self.sched = optim.build_scheduler(self.opt, cfg, cfg.steps, job.override_schedule)
         optim.attach_to_config(job.model.config, self.ddp, self.opt)
@@ -231,13 +234,14 @@ class Trainer:
         default: what training runs - another one, e.g. the teacher alone, runs unwidened)."""
         obj = self.objective
         step_fn = forward_step or obj.eval_step or obj.forward_step
-        return validate(
-            self.model if model is None else model,
-            step_fn,
-            self.eval_batches if batches is None else batches,
-            self.job.train.seq_length,
-            obj.adjust_tensor_shapes_fn if model is None else None,
-        )
+        with optim.synced_params(self.ddp):
+            return validate(
+                self.model if model is None else model,
+                step_fn,
+                self.eval_batches if batches is None else batches,
+                self.job.train.seq_length,
+                obj.adjust_tensor_shapes_fn if model is None else None,
+            )
 
     def train_step(self, step: int) -> dict:
         """Optimizer step ``step`` (1-based): ``{name: value}`` plus ``lr`` and ``grad_norm``,
@@ -291,16 +295,17 @@ class Trainer:
             train_state["final_metrics"] = final_metrics
         meta = job.meta.with_step(job.stage, iteration=step, steps=cfg.steps)
         meta = dataclasses.replace(meta, train_state=train_state)
-        save_training_checkpoint(
-            job.save,
-            job.model,
-            self.opt,
-            self.sched,
-            meta,
-            train_state,
-            self.tok_files,
-            cfg.keep_checkpoints,
-        )
+        with optim.synced_params(self.ddp):  # the weights of this step on every rank
+            save_training_checkpoint(
+                job.save,
+                job.model,
+                self.opt,
+                self.sched,
+                meta,
+                train_state,
+                self.tok_files,
+                cfg.keep_checkpoints,
+            )
 
     def _validate_and_log(self, step: int, val: dict) -> None:
         val[step] = self.validate()

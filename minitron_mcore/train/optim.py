@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from minitron_mcore.errors import require
+from minitron_mcore.train import fast_paths
 from minitron_mcore.train.config import TrainConfig
 
 
@@ -17,18 +20,40 @@ def use_distributed_optimizer(cfg: TrainConfig) -> bool:
     return torch.cuda.is_available() if choice == "auto" else choice == "true"
 
 
-def wrap_ddp(model, config, distributed_optimizer: bool):
+def wrap_ddp(model, config, distributed_optimizer: bool, cfg: TrainConfig | None = None):
     """Megatron's DistributedDataParallel: contiguous fp32 grad buffers, DP all-reduce (or
-    reduce-scatter with the distributed optimizer)."""
+    reduce-scatter with the distributed optimizer), overlapped with backward in buckets (and
+    the parameter all-gather with forward) where ``train.overlap_*`` say so."""
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    overlap = {}
+    if cfg is not None:
+        dp = ps.get_data_parallel_world_size()
+        overlap = fast_paths.ddp_kwargs(cfg, distributed_optimizer, dp)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
         use_distributed_optimizer=distributed_optimizer,
         average_in_collective=False,
+        **overlap,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+
+
+@contextlib.contextmanager
+def synced_params(ddp):
+    """Parameters complete on every rank while the block runs (checkpoint saves, validation):
+    with ``overlap_param_gather`` the all-gather of the distributed optimizer's update waits
+    for the next forward's hooks. As Megatron-LM does around its saves and evaluations, the
+    hooks are taken off (which gathers synchronously) and put back after."""
+    if not getattr(ddp, "use_forward_hook", False):
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
 
 
 def build_optimizer(model, cfg: TrainConfig, config, distributed_optimizer: bool):
@@ -51,6 +76,7 @@ def build_optimizer(model, cfg: TrainConfig, config, distributed_optimizer: bool
         fp16=config.fp16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=model.ddp_config.overlap_param_gather,
     )
     return get_megatron_optimizer(opt_config, [model])
 
