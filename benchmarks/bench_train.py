@@ -1,9 +1,13 @@
-"""Benchmark: training tokens/s and CPU MFU of our Megatron-Core step vs a ``transformers`` loop.
+"""Benchmark: training tokens/s and MFU of our Megatron-Core step vs a ``transformers`` loop.
 
 Run from the repository root, in the project's virtualenv::
 
     python benchmarks/bench_train.py [--steps 5] [--warmup 2] [--seq-len 256] [--micro-batch 8] \
         [--precision fp32,bf16] [--threads N]
+    python benchmarks/bench_train.py --device cuda [--num-layers 4] [--seq-len 4096] \
+        [--micro-batch 2] [--steps 10] [--warmup 3]
+
+``--device cpu`` (the default) is described first; ``--device cuda`` at the end.
 
 Leave ``OMP_NUM_THREADS`` alone: torch's default thread count is used and printed (``--threads``
 sets it explicitly).  On a machine shared with other work, wall-clock figures swing with the
@@ -48,15 +52,38 @@ length (the ``QKᵀ`` and ``AV`` products).  The HF loss covers s − 1 position
 shifts the labels) but both sides compute all s positions, so both count b · s tokens per step.
 
 Prints a table, the ratio ours / transformers of tokens/s per precision, then one JSON line.
+
+``--device cuda``: the same two loops on one GPU, bf16 only, with Llama-3.1-8B's shapes (hidden
+4096, FFN 14336, 32 heads, 8 KV groups, vocab 128256, untied) but only ``--num-layers`` (default
+4) of its 32 layers: 1.92B parameters, whose Megatron mixed-precision state (bf16 weights, fp32
+gradients, fp32 main weights and two Adam moments: 18 bytes per parameter, 35 GB) leaves room
+on an 80 GB GPU for the activations and logits of 2 x 4096 tokens on either side.
+
+* transformers: ``LlamaForCausalLM`` built on the GPU with fp32 parameters, ``sdpa`` attention,
+  each step under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (the mixed precision of the
+  HF Trainer's ``bf16=True``), fused ``torch.optim.AdamW``.
+* ours: the engine as ``minitron pretrain`` sets it up on a GPU - ``build_model_for_stage`` with
+  the keys of ``train/fast_paths.py`` (Transformer Engine spec when TE imports, gradient
+  accumulation fusion where Apex's kernel is, recomputation from 8192-token samples),
+  ``wrap_ddp``, the distributed optimizer (``train.distributed_optimizer=auto``), Megatron
+  mixed precision (bf16 weights, fp32 main weights and gradients), ``train_step``.
+
+Timed regions are bracketed by ``torch.cuda.synchronize()``. Peak memory is
+``torch.cuda.max_memory_allocated()`` of each side, reset before it starts. MFU is against the
+GPU's dense bf16 tensor-core peak (no 2:4 sparsity) from NVIDIA's datasheets, looked up by
+``torch.cuda.get_device_name()`` (``GPU_BF16_PEAKS``); for a GPU not in the table, against the
+best bf16 ``torch.mm`` rate measured in this run (which is printed for every GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 import traceback
 
@@ -71,27 +98,75 @@ SEED = 1234
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+# Defaults per --device. cpu: a 19.27M-parameter Llama-shaped model. cuda: Llama-3.1-8B's
+# shapes with 4 of its 32 layers (see the module docstring for why it fits).
+DEFAULTS = {
+    "cpu": dict(
+        steps=5,
+        warmup=2,
+        seq_len=256,
+        micro_batch=8,
+        precision="fp32,bf16",
+        num_layers=8,
+        hidden_size=384,
+        ffn_hidden_size=1024,
+        num_heads=6,
+        num_kv_heads=3,
+        vocab_size=8192,
+    ),
+    "cuda": dict(
+        steps=10,
+        warmup=3,
+        seq_len=4096,
+        micro_batch=2,
+        precision="bf16",
+        num_layers=4,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_heads=32,
+        num_kv_heads=8,
+        vocab_size=128256,
+    ),
+}
+
+
+def _default(name: str) -> str:
+    return f"(cpu {DEFAULTS['cpu'][name]}, cuda {DEFAULTS['cuda'][name]})"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8, help="= global batch (no accumulation)")
-    p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16")
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=384)
-    p.add_argument("--ffn-hidden-size", type=int, default=1024)
-    p.add_argument("--num-heads", type=int, default=6)
-    p.add_argument("--num-kv-heads", type=int, default=3)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--steps", type=int, help="timed steps per run " + _default("steps"))
+    p.add_argument(
+        "--warmup", type=int, help="untimed steps before the timed ones " + _default("warmup")
+    )
+    p.add_argument("--seq-len", type=int, help=_default("seq_len"))
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="= global batch (no accumulation) " + _default("micro_batch"),
+    )
+    p.add_argument("--precision", help="comma list of fp32, bf16 (cuda: bf16 only)")
+    p.add_argument("--num-layers", type=int, help=_default("num_layers"))
+    p.add_argument("--hidden-size", type=int, help=_default("hidden_size"))
+    p.add_argument("--ffn-hidden-size", type=int, help=_default("ffn_hidden_size"))
+    p.add_argument("--num-heads", type=int, help=_default("num_heads"))
+    p.add_argument("--num-kv-heads", type=int, help=_default("num_kv_heads"))
+    p.add_argument("--vocab-size", type=int, help=_default("vocab_size"))
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
     )
     args = p.parse_args(argv)
+    for name, value in DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     bad = [x for x in args.precisions if x not in DTYPES]
     if bad or not args.precisions:
         p.error(f"--precision: unknown {bad}; use a comma list of {sorted(DTYPES)}")
+    if args.device == "cuda" and args.precisions != ["bf16"]:
+        p.error("--device cuda measures bf16 only (its MFU is against the dense bf16 peak)")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
@@ -133,19 +208,30 @@ def make_batches(args, n: int) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------- peak
 
 
-def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048), repeats: int = 5) -> dict:
-    """Best achieved FLOP/s of square matmuls in ``dtype`` over ``sizes`` and ``repeats``."""
+def matmul_peak(
+    dtype: torch.dtype,
+    sizes=(1024, 2048),
+    repeats: int = 5,
+    device: str = "cpu",
+    work: float = 4e9,
+    sync=None,
+) -> dict:
+    """Best achieved FLOP/s of square matmuls in ``dtype`` over ``sizes`` and ``repeats``, each
+    timing about ``work`` FLOPs; ``sync`` waits for the device (on a GPU)."""
+    sync = sync or (lambda: None)
     best, best_n = 0.0, 0
     for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        out = torch.empty(n, n, dtype=dtype)
+        a = torch.randn(n, n, device=device).to(dtype)  # [n, n]
+        b = torch.randn(n, n, device=device).to(dtype)
+        out = torch.empty(n, n, dtype=dtype, device=device)
         torch.mm(a, b, out=out)  # warm-up (kernel selection, page faults)
-        inner = max(1, int(4e9 // (2 * n**3)))  # about 4 GFLOP per timing
+        inner = max(1, int(work // (2 * n**3)))
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             for _ in range(inner):
                 torch.mm(a, b, out=out)
+            sync()
             dt = time.perf_counter() - t0
             rate = inner * 2 * n**3 / dt
             if rate > best:
@@ -156,7 +242,8 @@ def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048), repeats: int = 5) -> dic
 # ----------------------------------------------------------------------------------- baseline
 
 
-def run_transformers(args, arch, precision: str, batches) -> dict:
+def hf_model(arch, **config_kw):
+    """``LlamaForCausalLM`` of ``arch``'s shape, initialised from ``SEED``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -172,14 +259,17 @@ def run_transformers(args, arch, precision: str, batches) -> dict:
         initializer_range=arch.init_std,
         tie_word_embeddings=arch.tie_embeddings,
         attention_dropout=0.0,
+        **config_kw,
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).float()
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
+    return LlamaForCausalLM(config).float()
+
+
+def hf_adamw(model, **kw):
+    """AdamW with our settings: weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": WEIGHT_DECAY},
             {"params": no_decay, "weight_decay": 0.0},
@@ -187,7 +277,15 @@ def run_transformers(args, arch, precision: str, batches) -> dict:
         lr=LR,
         betas=BETAS,
         eps=EPS,
+        **kw,
     )
+
+
+def run_transformers(args, arch, precision: str, batches) -> dict:
+    model = hf_model(arch)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = hf_adamw(model)
 
     def step(batch):
         tokens = batch[:, :-1].contiguous()
@@ -202,24 +300,46 @@ def run_transformers(args, arch, precision: str, batches) -> dict:
     return timed_loop(args, step, batches, n_params=n_params)
 
 
+def run_transformers_cuda(args, arch, precision: str, batches) -> dict:
+    """The same loop on the GPU: fp32 parameters made there, bf16 autocast, fused AdamW."""
+    with torch.device("cuda"):
+        model = hf_model(arch, attn_implementation="sdpa")
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = hf_adamw(model, fused=True)
+
+    def step(batch):
+        tokens = batch[:, :-1].contiguous().to("cuda")  # [b, s]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return timed_loop(args, step, batches, n_params=n_params, sync=torch.cuda.synchronize)
+
+
 # ---------------------------------------------------------------------------------------- ours
 
 
-def run_ours(args, arch, precision: str, batches) -> dict:
+def run_ours(args, arch, precision: str, batches, details: dict | None = None) -> dict:
+    """Our step on this process's device, set up as the training stages set it up (``minitron
+    pretrain`` and ``Trainer``); ``details`` (if given) receives what the engine chose."""
     from minitron_mcore.models.build import build_model_for_stage
-    from minitron_mcore.parallel import set_seed
+    from minitron_mcore.parallel import ParallelConfig, set_seed, to_device
+    from minitron_mcore.train import fast_paths
     from minitron_mcore.train.config import TrainConfig
     from minitron_mcore.train.optim import (
         attach_to_config,
         build_optimizer,
         build_scheduler,
+        use_distributed_optimizer,
         wrap_ddp,
     )
     from minitron_mcore.train.step import lm_forward_step, train_step
 
-    set_seed(SEED)
-    model = build_model_for_stage(arch, DTYPES[precision], calculate_per_token_loss=True)
-    n_params = sum(p.numel() for p in model.parameters())
     total_steps = args.warmup + args.steps
     train_cfg = TrainConfig(
         steps=total_steps,
@@ -234,42 +354,65 @@ def run_ours(args, arch, precision: str, batches) -> dict:
         adam_beta1=BETAS[0],
         adam_beta2=BETAS[1],
         clip_grad=CLIP,
-        distributed_optimizer="false",
         precision=precision,
-    )
-    ddp = wrap_ddp(model, model.config, distributed_optimizer=False)
-    opt = build_optimizer(ddp, train_cfg, model.config, False)
+    )  # every other key at its default (auto): the engine's choice for this device
+    set_seed(SEED)
+    model_kw = fast_paths.model_kwargs(train_cfg, ParallelConfig())
+    model = build_model_for_stage(arch, DTYPES[precision], **model_kw)
+    n_params = sum(p.numel() for p in model.parameters())
+    dist_opt = use_distributed_optimizer(train_cfg)  # off on the CPU, on on a GPU
+    ddp = wrap_ddp(model, model.config, dist_opt, train_cfg)
+    opt = build_optimizer(ddp, train_cfg, model.config, dist_opt)
     sched = build_scheduler(opt, train_cfg, total_steps)
     attach_to_config(model.config, ddp, opt)
+    if details is not None:
+        details.update(engine_details(model, model_kw, dist_opt))
     forward_step = lm_forward_step(arch.vocab_size)
-    position_ids = torch.arange(args.seq_len).unsqueeze(0).expand(args.micro_batch, -1)
-    loss_mask = torch.ones(args.micro_batch, args.seq_len)
+    b, s = args.micro_batch, args.seq_len
+    position_ids = to_device(torch.arange(s).unsqueeze(0).expand(b, -1).contiguous())  # [b, s]
+    loss_mask = to_device(torch.ones(b, s))  # [b, s]
 
-    def step(batch):
-        mb = {
-            "tokens": batch[:, :-1].contiguous(),
-            "labels": batch[:, 1:].contiguous(),
-            "position_ids": position_ids.contiguous(),
-            "loss_mask": loss_mask,
-        }
-        reports, _, _ = train_step(ddp, opt, sched, forward_step, [mb], args.seq_len)
+    def step(batch):  # batch: [b, s + 1] token ids on the host
+        mb = to_device({"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()})
+        mb.update(position_ids=position_ids, loss_mask=loss_mask)
+        reports, _, _ = train_step(ddp, opt, sched, forward_step, [mb], s)
         return reports["lm loss"]
 
-    return timed_loop(args, step, batches, n_params=n_params)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    return timed_loop(args, step, batches, n_params=n_params, sync=sync)
+
+
+def engine_details(model, model_kw: dict, dist_opt: bool) -> dict:
+    """What the engine chose for this device: layer spec (by its core attention), precision,
+    distributed optimizer and the fast-path TransformerConfig fields."""
+    layer = model.decoder.layers[0]
+    fast = {k: v for k, v in model_kw.items() if "dropout" not in k}
+    return {
+        "core_attention": type(layer.self_attention.core_attention).__name__,
+        "params_dtype": str(model.config.params_dtype).replace("torch.", ""),
+        "distributed_optimizer": dist_opt,
+        "recompute_granularity": model.config.recompute_granularity,
+        **fast,
+    }
 
 
 # -------------------------------------------------------------------------------------- common
 
 
-def timed_loop(args, step, batches, n_params: int) -> dict:
+def timed_loop(args, step, batches, n_params: int, sync=None) -> dict:
+    """Warm-up, then timed steps; ``sync`` (a GPU's synchronize) brackets every timed step, so
+    a step's time includes all the device work it queued."""
+    sync = sync or (lambda: None)
     losses = []
     for batch in batches[: args.warmup]:
         losses.append(step(batch))
+    sync()
     t0 = time.perf_counter()
     step_times, cpu_times = [], []
     for batch in batches[args.warmup : args.warmup + args.steps]:
         s0, c0 = time.perf_counter(), time.process_time()
         losses.append(step(batch))
+        sync()
         step_times.append(time.perf_counter() - s0)
         cpu_times.append(time.process_time() - c0)
     elapsed = time.perf_counter() - t0
@@ -338,22 +481,11 @@ def fmt_rate(x: float) -> str:
     return f"{x / 1e9:8.1f} GFLOP/s"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    arch = make_arch(args)
-    fpt, n_matmul = flops_per_token(arch, args.seq_len)
-    n_total = arch.num_params()
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{platform.processor() or platform.machine()}",
-        flush=True,
-    )
+def print_model(args, arch, fpt: int, n_matmul: int) -> None:
     print(
         f"model: llama L={arch.num_layers} h={arch.hidden_size} ffn={arch.ffn_hidden_size} "
         f"heads={arch.num_attention_heads} kv={arch.num_query_groups} vocab={arch.vocab_size}: "
-        f"{n_total:,} params ({n_matmul:,} excluding the input embedding)",
+        f"{arch.num_params():,} params ({n_matmul:,} excluding the input embedding)",
         flush=True,
     )
     print(
@@ -362,6 +494,46 @@ def main(argv=None) -> int:
         f"*{arch.hidden_size}*{args.seq_len} = {fpt:,}",
         flush=True,
     )
+
+
+def add_mfu(results: dict, fpt: int, peaks: dict) -> None:
+    """Model FLOP/s and MFU of every run that finished (``peaks``: precision -> FLOP/s)."""
+    for side in results.values():
+        for prec, r in side.items():
+            if r["ok"]:
+                r["model_flops_per_s"] = r["tokens_per_s"] * fpt
+                r["mfu"] = r["model_flops_per_s"] / peaks[prec]
+
+
+def model_json(args, arch, n_matmul: int) -> dict:
+    return {
+        "num_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "ffn_hidden_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_query_groups": arch.num_query_groups,
+        "vocab_size": arch.vocab_size,
+        "params": arch.num_params(),
+        "params_matmul": n_matmul,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return main_cuda(args) if args.device == "cuda" else main_cpu(args)
+
+
+def main_cpu(args) -> int:
+    arch = make_arch(args)
+    fpt, n_matmul = flops_per_token(arch, args.seq_len)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}",
+        flush=True,
+    )
+    print_model(args, arch, fpt, n_matmul)
 
     load_before = load_note("before")
     peaks = {}
@@ -387,11 +559,7 @@ def main(argv=None) -> int:
             results["ours"][prec] = guarded(run_ours, args, arch, prec, batches)
 
     load_after = load_note("after")
-    for side in results.values():
-        for prec, r in side.items():
-            if r["ok"]:
-                r["model_flops_per_s"] = r["tokens_per_s"] * fpt
-                r["mfu"] = r["model_flops_per_s"] / peaks[prec]["flops"]
+    add_mfu(results, fpt, {k: v["flops"] for k, v in peaks.items()})
 
     print()
     header = (
@@ -432,16 +600,7 @@ def main(argv=None) -> int:
                 "threads": torch.get_num_threads(),
                 "machine_before": load_before,
                 "machine_after": load_after,
-                "model": {
-                    "num_layers": arch.num_layers,
-                    "hidden_size": arch.hidden_size,
-                    "ffn_hidden_size": arch.ffn_hidden_size,
-                    "num_attention_heads": arch.num_attention_heads,
-                    "num_query_groups": arch.num_query_groups,
-                    "vocab_size": arch.vocab_size,
-                    "params": n_total,
-                    "params_matmul": n_matmul,
-                },
+                "model": model_json(args, arch, n_matmul),
                 "seq_len": args.seq_len,
                 "micro_batch": args.micro_batch,
                 "warmup": args.warmup,
@@ -451,6 +610,163 @@ def main(argv=None) -> int:
                 "results": results,
                 "ratio_tokens_per_s": ratios,
                 "ratio_tokens_per_cpu_s": cpu_ratios,
+            }
+        )
+    )
+    failed = any(not r["ok"] for side in results.values() for r in side.values())
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------- cuda
+
+# Dense bf16 tensor-core peaks in TFLOP/s - no 2:4 structured sparsity; NVIDIA's datasheets
+# quote twice these "with sparsity" - matched in this order against the lower-cased
+# torch.cuda.get_device_name() (the first match wins, so a longer name comes before the name
+# it contains).
+GPU_BF16_PEAKS = (
+    ("gh200", 989.4, "GH200 (an H100 SXM's tensor cores)"),  # "NVIDIA GH200 480GB"
+    ("h100 pcie", 756.5, "H100 PCIe"),  # 1,513 with sparsity
+    ("h100 nvl", 835.5, "H100 NVL"),  # 1,671 with sparsity
+    ("h100", 989.4, "H100 SXM"),  # "NVIDIA H100 80GB HBM3"; 1,979 with sparsity
+    ("h200 nvl", 835.5, "H200 NVL"),  # 1,671 with sparsity
+    ("h200", 989.4, "H200 SXM"),  # 1,979 with sparsity
+    ("a100", 312.0, "A100"),  # SXM4 and PCIe, 40 and 80 GB; 624 with sparsity
+    ("l40s", 362.05, "L40S"),  # 733 with sparsity
+    ("gb200", 2500.0, "GB200 (per GPU)"),  # 5,000 with sparsity
+    ("b200", 2250.0, "B200 (HGX)"),  # 4,500 with sparsity
+)
+GIB = 2**30
+
+
+def datasheet_peak(device_name: str) -> tuple[float, str] | None:
+    """(dense bf16 FLOP/s, which datasheet entry) for a known GPU, else None."""
+    name = device_name.lower()
+    for key, tflops, label in GPU_BF16_PEAKS:
+        if key in name:
+            return tflops * 1e12, label
+    return None
+
+
+def on_gpu(fn, *a) -> dict:
+    """``guarded(fn, *a)`` with its own peak-memory window; memory is freed before and after,
+    so each side's peak is its own."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    r = guarded(fn, *a)
+    r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+def gpu_note() -> dict:
+    """The GPU and how much of its memory is free (another process on it skews the timings)."""
+    name = torch.cuda.get_device_name()
+    free, total = torch.cuda.mem_get_info()
+    busy = free < 0.9 * total
+    warn = "  WARNING: other processes hold GPU memory; figures not comparable" if busy else ""
+    print(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), {name}, "
+        f"{total / GIB:.1f} GiB ({free / GIB:.1f} free){warn}",
+        flush=True,
+    )
+    return {"name": name, "memory_gib": total / GIB, "free_gib": free / GIB, "contended": busy}
+
+
+def gpu_peak(device_name: str) -> dict:
+    """The bf16 peak MFU is measured against, and the measured ``torch.mm`` rate."""
+    mm = matmul_peak(
+        torch.bfloat16, sizes=(4096, 8192), device="cuda", work=2e13, sync=torch.cuda.synchronize
+    )
+    sheet = datasheet_peak(device_name)
+    flops, source = sheet if sheet else (mm["flops"], "measured bf16 torch.mm (GPU not in table)")
+    if sheet:
+        source = f"datasheet {source}, dense bf16"
+    print(
+        f"peak bf16: {flops / 1e12:.1f} TFLOP/s ({source}); measured {mm['size']}^2 bf16 mm: "
+        f"{mm['flops'] / 1e12:.1f} TFLOP/s",
+        flush=True,
+    )
+    return {"flops": flops, "source": source, "measured_mm_flops": mm["flops"]}
+
+
+def print_gpu_table(results: dict) -> None:
+    header = (
+        f"{'side':<13}{'prec':<6}{'tokens/s':>10}{'s/step':>9}{'TFLOP/s':>9}{'MFU':>8}"
+        f"{'peak GiB':>10}{'loss first->last':>20}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, side in results.items():
+        for prec, r in side.items():
+            if not r["ok"]:
+                print(f"{name:<13}{prec:<6}  FAILED: {r['error']}")
+                continue
+            print(
+                f"{name:<13}{prec:<6}{r['tokens_per_s']:>10.0f}{r['step_s_median']:>9.3f}"
+                f"{r['model_flops_per_s'] / 1e12:>9.1f}{r['mfu']:>8.1%}"
+                f"{r['peak_mem_gib']:>10.1f}{r['loss_first']:>11.3f} ->{r['loss_last']:>6.3f}"
+            )
+
+
+def main_cuda(args) -> int:
+    if not torch.cuda.is_available():
+        print("error: --device cuda: torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    arch = make_arch(args)
+    fpt, n_matmul = flops_per_token(arch, args.seq_len)
+    gpu = gpu_note()
+    print_model(args, arch, fpt, n_matmul)
+    peak = gpu_peak(gpu["name"])
+    batches = make_batches(args, args.warmup + args.steps)
+    results: dict[str, dict[str, dict]] = {"transformers": {}, "ours": {}}
+    print("transformers bf16 ...", flush=True)
+    results["transformers"]["bf16"] = on_gpu(run_transformers_cuda, args, arch, "bf16", batches)
+
+    from minitron_mcore.parallel import ParallelConfig, parallel_context
+
+    engine: dict = {}
+    with parallel_context(ParallelConfig(), SEED):
+        print("ours bf16 ...", flush=True)
+        results["ours"]["bf16"] = on_gpu(run_ours, args, arch, "bf16", batches, engine)
+    print(f"ours: {json.dumps(engine)}", flush=True)
+    add_mfu(results, fpt, {"bf16": peak["flops"]})
+
+    print()
+    print_gpu_table(results)
+    print()
+    a, b = results["ours"]["bf16"], results["transformers"]["bf16"]
+    ratio = mem_ratio = None
+    if a["ok"] and b["ok"]:
+        ratio, mem_ratio = (
+            a["tokens_per_s"] / b["tokens_per_s"],
+            a["peak_mem_gib"] / b["peak_mem_gib"],
+        )
+        print(f"ours / transformers tokens/s, bf16: {ratio:.2f}x (peak memory {mem_ratio:.2f}x)")
+    else:
+        print("ours / transformers tokens/s, bf16: n/a (a run failed)")
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "device": "cuda",
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "gpu": gpu,
+                "model": model_json(args, arch, n_matmul),
+                "seq_len": args.seq_len,
+                "micro_batch": args.micro_batch,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "flops_per_token": fpt,
+                "peak_flops": {"bf16": peak["flops"]},
+                "peak_flops_source": peak["source"],
+                "measured_mm_flops": {"bf16": peak["measured_mm_flops"]},
+                "ours_engine": engine,
+                "results": results,
+                "ratio_tokens_per_s": {"bf16": ratio},
+                "ratio_peak_memory": {"bf16": mem_ratio},
             }
         )
     )
