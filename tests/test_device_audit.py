@@ -53,7 +53,7 @@ def test_flags_a_host_operand_and_host_tokens(audit):
     w = _on_device(audit, 10, 3)
     w[0] + torch.ones(3)
     torch.nn.functional.embedding(torch.tensor([[1, 2]]), w)
-    assert _ops(audit) == [
+    assert sorted(_ops(audit)) == [
         ("Tensor.add", "device[3] host[3]"),
         ("torch.nn.functional.embedding", "host[1, 2] device[10, 3]"),
     ]
@@ -111,7 +111,7 @@ def test_host_only_calls_and_backward_are_audited(audit):
             return g * ctx.x * torch.full((3,), 2.0)  # a host tensor built in backward
 
     ScaleOnHost.apply(w).sum().backward()
-    assert [op for op, _ in _ops(audit)] == ["Tensor.mul", "Tensor.numpy"]
+    assert sorted(op for op, _ in _ops(audit)) == ["Tensor.mul", "Tensor.numpy"]
     assert audit.tag_of(w.grad) == DEVICE
 
 
