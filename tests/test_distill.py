@@ -238,6 +238,22 @@ def test_checks_before_training(student, teacher, llama_ckpt, corpora, tmp_path)
         assert not os.path.exists(f"{tmp_path}/{d}")
 
 
+def test_hidden_loss_pair_off_the_last_stage_is_one_error_on_every_rank(
+    student, teacher, corpora, tmp_path
+):
+    """At PP=2 a hidden-state pair on the first stage is refused with one error line; the
+    ranks decide it together (before: the last stage raised alone while the first waited in
+    a collective - a connection error under gloo, the collective timeout under NCCL)."""
+    save = str(tmp_path / "out")
+    args = _distill_args(student, teacher, corpora["stdlib-code"], save, 2, *HIDDEN)
+    r = minitron(*args, "distill.intermediate_layers=[0]", "parallel.pp=2", nproc=2, check=False)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    assert "pipeline stage" in errors[0], errors
+    assert "[rank" not in r.stderr, r.stderr[-3000:]  # no worker traceback (torchrun's own aside)
+    assert not os.path.exists(save)
+
+
 def test_sigkill_mid_run_resumes_bitwise(student, teacher, corpora, tmp_path):
     data = corpora["stdlib-code"]
     straight = str(tmp_path / "straight")

@@ -29,7 +29,7 @@ from minitron_mcore.distill.losses import MODES, KDSpec
 from minitron_mcore.distill.objective import HiddenLoss, kd_objective
 from minitron_mcore.errors import require
 from minitron_mcore.models.build import resolve_dtype
-from minitron_mcore.parallel import parallel_context
+from minitron_mcore.parallel import fail_together, parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
     check_tokenizer_vocab,
@@ -130,12 +130,21 @@ def _hidden_loss(opts: DistillOptions, student, teacher, smeta, tmeta) -> Option
     layers = [int(j) for j in opts.intermediate_layers]
     if not layers and ps.is_pipeline_last_stage():
         layers = sorted(inter.local_layers(student))
+    pairs = []
+
+    def check():  # the pairs live on the last stage; every rank learns the verdict at once
+        if ps.is_pipeline_last_stage():
+            arch_s, arch_t = smeta.arch, tmeta.arch
+            pairs.extend(
+                inter.layer_pairs(arch_s.num_layers, arch_t.num_layers, smeta.prune_plan, layers)
+            )
+            inter.check_on_stage(pairs, student, teacher)
+
+    # Not on the last stage alone: its ranks would raise while the others wait in the next
+    # collective until the process-group timeout (30 minutes under NCCL).
+    fail_together(check)
     if not ps.is_pipeline_last_stage():
         return None
-    pairs = inter.layer_pairs(
-        smeta.arch.num_layers, tmeta.arch.num_layers, smeta.prune_plan, layers
-    )
-    inter.check_on_stage(pairs, student, teacher)
     hidden_kept = (smeta.prune_plan or {}).get("hidden")
     h_s, h_t = smeta.arch.hidden_size, tmeta.arch.hidden_size
     inter.attach_projections(student, pairs, h_s, h_t, hidden_kept)
