@@ -128,7 +128,8 @@ def transformer_config(
     it, and equal-logits comparisons need it off.  ``extra`` passes further TransformerConfig
     fields: what training turns on (``calculate_per_token_loss``, ``sequence_parallel``,
     ``gradient_accumulation_fusion``, recomputation: ``train/fast_paths.py``), the RoPE fusion
-    of the TE spec, ``perform_initialization=False`` for models whose weights are loaded.
+    of the TE spec, :func:`loaded_weights_kwargs` for models whose weights are loaded (or
+    ``perform_initialization=False`` for one that is only filled and written, never trained).
     """
     from megatron.core.transformer import TransformerConfig
 
