@@ -247,10 +247,10 @@ class Trainer:
         """Optimizer step ``step`` (1-based): ``{name: value}`` plus ``lr`` and ``grad_norm``,
         the same on every rank; one error if the optimised loss is not finite."""
         obj, values = self.objective, {}
-        asked = self._preempt is not None and self._preempt.requested
 
         def finite(reports):  # checked before the update: a NaN loss never reaches the weights
             names = sorted(reports) if reports else None
+            asked = self._preempt is not None and self._preempt.requested  # as late as can be
             shared, self.stop_requested = share_reports(reports, self._report_names(names), asked)
             values.update(shared)
             return math.isfinite(values[obj.primary])
