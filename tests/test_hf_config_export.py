@@ -100,3 +100,47 @@ def test_mistral_export_keeps_full_attention_sliding_window(
     assert AutoConfig.from_pretrained(out).sliding_window == window
     diff = (hf_logits(out, tokens) - hf_logits(src, tokens)).abs().max().item()
     assert diff <= 1e-5, f"mistral window={window}: exported model differs by {diff}"
+
+
+def test_what_transformers_accepts_is_asked_of_transformers():
+    """The export check builds the config export-hf writes and lets transformers judge it:
+    Llama refuses a hidden size that is not a multiple of its heads (even with head_dim
+    given), Mistral and Qwen2 (which have no such rule in transformers 5) follow transformers'
+    own verdict; the refused size is found with its nearest accepted values."""
+    from transformers import AutoConfig
+
+    from minitron_mcore.checkpoint import hf_io
+    from minitron_mcore.checkpoint.hf_mapping import (
+        export_refusal,
+        hf_config_from_arch,
+        refused_size,
+    )
+    from minitron_mcore.models.arch import ModelArch
+
+    llama = ModelArch(hidden_size=576, num_attention_heads=9, num_query_groups=3)
+    assert export_refusal(llama, None) is None
+    assert "not a multiple" in export_refusal(llama.replace(hidden_size=448), None)
+    assert refused_size(llama.replace(hidden_size=448), None) == ("hidden_size", [441, 450])
+    for family in ("mistral", "qwen2"):
+        arch = llama.replace(family=family, hidden_size=448)
+        cfg = hf_config_from_arch(arch, None, "fp32")
+        try:
+            AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            verdict = None
+        except Exception as e:  # whatever this transformers refuses with
+            verdict = e
+        assert (export_refusal(arch, None) is None) == (verdict is None), family
+    assert "no causal LM" in hf_io.hf_config_refusal({"model_type": "no-such-family"})
+
+
+def test_nearest_accepted_looks_both_ways_within_bounds():
+    from minitron_mcore.checkpoint.hf_mapping import nearest_accepted
+
+    def multiple_of_9(v):
+        return v % 9 == 0
+
+    assert nearest_accepted(448, multiple_of_9, 1, 576) == [441, 450]
+    assert nearest_accepted(448, multiple_of_9, 1, 449) == [441]  # nothing above within hi
+    assert nearest_accepted(448, multiple_of_9, 445, 449) == []
+    assert nearest_accepted(448, multiple_of_9, 1, 576, reach=5) == [450]
+    assert nearest_accepted(450, multiple_of_9, 1, 576) == [441, 459]  # the value itself: no

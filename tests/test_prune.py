@@ -370,3 +370,79 @@ def test_checkpoints_hold_the_te_specs_norm_names(llama_ckpt):
         "decoder.final_layernorm.weight",
     } <= names
     assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names), names
+
+
+# ---------------------------------------------------------------------------- exportable targets
+# transformers 5's LlamaConfig refuses a hidden size that is not a multiple of the head count
+# (the tiny Llama has 4 heads of 16): prune.target.hidden_size=62 cannot be exported, 60 can.
+
+
+def _hidden(h: int) -> list[str]:
+    return [f"prune.target.hidden_size={h}"]
+
+
+def _no_weight_reads(*args, **kwargs):
+    raise AssertionError("the prune read weights before refusing its target")
+
+
+def test_prune_refuses_a_target_transformers_cannot_load(capsys, ckpts, tmp_path, monkeypatch):
+    """Refused when planned, with the nearest accepted sizes, before a weight is read: by the
+    command and by the target check that `minitron pipeline` runs (dry runs included)."""
+    from minitron_mcore.cli import main
+    from minitron_mcore.errors import MinitronError
+    from minitron_mcore.prune.plan import PruneTarget, _check_target
+
+    ckpt, scores, out = ckpts["llama"], str(tmp_path / "scores"), str(tmp_path / "o")
+    hand_made_scores(ckpt, scores)
+    monkeypatch.setattr("minitron_mcore.prune.command.WeightsReader", _no_weight_reads)
+    code = main(["prune", f"load={ckpt}", f"scores={scores}", f"save={out}", *_hidden(62)])
+    text = capsys.readouterr().err
+    lines = [x for x in text.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1, text
+    assert "prune.target.hidden_size=62" in lines[0] and "refuses for llama" in lines[0]
+    assert lines[0].endswith("nearest accepted: 60 or 64"), lines[0]
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    with pytest.raises(MinitronError, match="nearest accepted: 60 or 64"):
+        _check_target(read_meta(ckpt).arch, PruneTarget(hidden_size=62))
+
+
+def test_accepted_neighbour_prunes_exports_and_loads(ckpts, tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, scores = ckpts["llama"], str(tmp_path / "scores")
+    hand_made_scores(ckpt, scores)
+    out, hf_out = str(tmp_path / "pruned"), str(tmp_path / "hf")
+    minitron("prune", f"load={ckpt}", f"scores={scores}", f"save={out}", *_hidden(60))
+    minitron("export-hf", f"load={out}", f"save={hf_out}")
+    model = AutoModelForCausalLM.from_pretrained(hf_out)
+    assert model.config.hidden_size == 60 and model.config.head_dim == 16
+    assert torch.isfinite(hf_logits(hf_out, tokens)).all()
+
+
+# `prune` as it was before its export check: the target check skipped, everything else as is.
+_PRUNE_UNCHECKED = (
+    "import sys; import minitron_mcore.prune.plan as p; "
+    "p.check_exportable = lambda *a, **k: None; "
+    "from minitron_mcore.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_export_of_a_refused_config_is_one_error_line(capsys, ckpts, tmp_path):
+    """A checkpoint pruned without the check (hidden 62 over 4 heads): export-hf names the key
+    and the sizes transformers accepts, exits non-zero and leaves no output behind."""
+    from conftest import launch
+
+    from minitron_mcore.cli import main
+
+    ckpt, scores = ckpts["llama"], str(tmp_path / "scores")
+    hand_made_scores(ckpt, scores)
+    pruned, out = str(tmp_path / "pruned"), str(tmp_path / "hf")
+    args = ["prune", f"load={ckpt}", f"scores={scores}", f"save={pruned}", *_hidden(62)]
+    launch(["-c", _PRUNE_UNCHECKED, *args])
+    assert read_meta(pruned).arch.hidden_size == 62
+    code = main(["export-hf", f"load={pruned}", f"save={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "the key that is wrong: hidden_size=62 (nearest accepted: 60 or 64)" in err, err
+    assert "prune.target.hidden_size" in err, err
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")

@@ -26,7 +26,7 @@ from minitron_mcore.checkpoint.megatron import (
     save_checkpoint,
     tokenizer_files_of,
 )
-from minitron_mcore.errors import require
+from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import padded_vocab_size
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context, world_size
@@ -168,6 +168,7 @@ def write_hf_export(cfg: ExportHFConfig) -> dict:
     arch = meta.arch
     dtype_name = meta.dtype if cfg.dtype == "auto" else cfg.dtype
     dtype = resolve_dtype(dtype_name)
+    _require_exportable(cfg.load, meta)  # before a byte is written
     tmp = cfg.save.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -206,6 +207,36 @@ def write_hf_export(cfg: ExportHFConfig) -> dict:
     }
     log0("exported %s -> %s", cfg.load, cfg.save)
     return metrics
+
+
+def _require_exportable(load: str, meta: CheckpointMeta) -> None:
+    """One error line, naming the size to change, when the installed transformers would refuse
+    the config this export writes (transformers 5 validates configs as they are built, e.g.
+    Llama's hidden size must be a multiple of its head count), instead of its traceback after
+    the weights were written. Checkpoints pruned since ``prune`` checks this never get here."""
+    import transformers
+
+    reason = hf_mapping.export_refusal(meta.arch, meta.hf_config)
+    if reason is None:
+        return
+    head = (
+        f"transformers {transformers.__version__} refuses the {meta.arch.family} config of "
+        f"load={load} ({reason})"
+    )
+    if hf_io.causal_lm_class(meta.arch.family) is None:
+        raise MinitronError(f"{head}; the key that is wrong: family={meta.arch.family}")
+    found = hf_mapping.refused_size(meta.arch, meta.hf_config)
+    if found is None:
+        raise MinitronError(f"{head}; no single size change nearby fixes it")
+    key, near = found
+    values = " or ".join(map(str, near))
+    redo = "rebuild it with model"
+    if meta.prune_plan:
+        redo = "prune its source again with prune.target"
+    raise MinitronError(
+        f"{head}; the key that is wrong: {key}={getattr(meta.arch, key)} "
+        f"(nearest accepted: {values}); {redo}.{key} set to one of them"
+    )
 
 
 def _write_hf_weights(cfg: ExportHFConfig, meta: CheckpointMeta, out_dir: str, dtype) -> int:

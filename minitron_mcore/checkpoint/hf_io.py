@@ -206,14 +206,70 @@ class SafetensorsWriter:
         return total
 
 
-def write_hf_config(out_dir: str, cfg: dict, generation: dict | None) -> None:
-    """config.json (through transformers' own config class) and generation_config.json."""
-    from transformers import AutoConfig, GenerationConfig
+def _refusal_errors() -> tuple:
+    """What transformers raises for a config it refuses: its ``@strict`` validators
+    (huggingface_hub's StrictDataclassError, transformers 5) and the ValueError / TypeError of
+    older checks."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # a huggingface_hub without strict dataclasses (transformers 4)
+        return (ValueError, TypeError)
+    return (StrictDataclassError, ValueError, TypeError)
 
+
+def _reason(e: Exception) -> str:
+    """transformers' own words for a refusal, one line: a strict validator wraps the ValueError
+    that says what is wrong, so that one is shown."""
+    inner = e.__cause__ if isinstance(e.__cause__, (ValueError, TypeError)) else e
+    lines = [x.strip() for x in str(inner).splitlines() if x.strip()]
+    return (lines[-1] if lines else type(inner).__name__).rstrip(".")[:300]
+
+
+def causal_lm_class(model_type: str) -> str | None:
+    """The class ``AutoModelForCausalLM`` builds for ``model_type`` in the installed transformers
+    (its name; None when there is none), found without importing the modelling code."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+
+
+def hf_config_object(cfg: dict):
+    """transformers' own config class for a ``config.json`` dict (``cfg`` is not modified),
+    naming the causal-LM class it loads as. Raises whatever transformers raises for it."""
+    from transformers import AutoConfig
+
+    cfg = dict(cfg)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
-    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
-    config.save_pretrained(out_dir)
+    fallback = type(config).__name__.replace("Config", "ForCausalLM")
+    config.architectures = [causal_lm_class(model_type) or fallback]
+    return config
+
+
+def hf_config_refusal(cfg: dict) -> str | None:
+    """Why the installed transformers would not load a model with ``cfg`` (its own words, one
+    line), or None when it would. The rule is transformers' own: its config class must accept
+    ``cfg`` (transformers 5 validates configs when they are built) and ``AutoModelForCausalLM``
+    must have a class for the model type; nothing is re-derived here, so a newer transformers
+    with other rules is followed as it is."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES or not causal_lm_class(model_type):
+        return f"transformers {transformers.__version__} has no causal LM for {model_type!r}"
+    try:
+        hf_config_object(cfg)
+    except _refusal_errors() as e:
+        return _reason(e)
+    return None
+
+
+def write_hf_config(out_dir: str, cfg: dict, generation: dict | None) -> None:
+    """config.json (through transformers' own config class) and generation_config.json."""
+    from transformers import GenerationConfig
+
+    hf_config_object(cfg).save_pretrained(out_dir)
     if generation:
         GenerationConfig.from_dict(generation).save_pretrained(out_dir)
 

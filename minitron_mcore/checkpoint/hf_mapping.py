@@ -215,6 +215,69 @@ def write_classic_rope_keys(hf_dir: str) -> None:
         f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+# ---------------------------------------------------------------------- what transformers accepts
+
+SIZE_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "num_layers",
+)
+"""The sizes pruning changes (each also a ``prune.target`` key), in the order they are blamed for
+a refused config: a hidden size that does not fit the head count is the usual one."""
+NEAREST_REACH = 256
+"""How far on each side of a refused size :func:`nearest_accepted` looks: at most 2 x 256 config
+builds of ~3 ms each, and far more than Llama's rule needs (every multiple of the head count is
+accepted, so one lies within heads - 1 of any hidden size)."""
+
+
+def export_refusal(arch: ModelArch, base: dict | None) -> str | None:
+    """Why the installed transformers would refuse the ``config.json`` that ``export-hf`` writes
+    for ``arch`` (``base``: the source's config.json, whose unrelated fields the export keeps),
+    in its own words; None when it loads. Built by the export's own :func:`hf_config_from_arch`,
+    so what ``prune`` checks is what ``export-hf`` writes."""
+    from minitron_mcore.checkpoint.hf_io import hf_config_refusal
+
+    return hf_config_refusal(hf_config_from_arch(arch, base, "fp32"))
+
+
+def nearest_accepted(
+    value: int, accepts: Callable[[int], bool], lo: int, hi: int, reach: int = NEAREST_REACH
+) -> list[int]:
+    """The closest integer below and the closest above ``value`` (within ``reach`` of it and
+    within [lo, hi]) that ``accepts``, ascending: one, two or no values."""
+    found = []
+    for step in (-1, 1):
+        v = value + step
+        while lo <= v <= hi and abs(v - value) <= reach:
+            if accepts(v):
+                found.append(v)
+                break
+            v += step
+    return sorted(found)
+
+
+def refused_size(arch: ModelArch, base: dict | None) -> tuple[str, list[int]] | None:
+    """The first of :data:`SIZE_KEYS` that, changed alone, gives a config transformers accepts,
+    with its nearest accepted values; None when no single size change nearby does (then the
+    family itself is the problem, or two sizes are)."""
+    for key in SIZE_KEYS:
+        value = getattr(arch, key)
+
+        def accepts(v: int, key: str = key) -> bool:
+            try:
+                other = arch.replace(**{key: v})
+            except MinitronError:  # e.g. heads that the query groups do not divide
+                return False
+            return export_refusal(other, base) is None
+
+        near = nearest_accepted(value, accepts, 1, value + NEAREST_REACH)
+        if near:
+            return key, near
+    return None
+
+
 # ---------------------------------------------------------------------------- tensors
 
 

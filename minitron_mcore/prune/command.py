@@ -101,7 +101,8 @@ def prune(cfg: PruneCommandConfig) -> dict:
     if cfg.scores:
         scores = Scores.load(cfg.scores)
         _check_scores(scores, meta, cfg.scores, cfg.load)
-    plan = make_plan(meta.arch, cfg.prune, scores)
+    # before any weight is read: a target export-hf could not write is refused here
+    plan = make_plan(meta.arch, cfg.prune, scores, meta.hf_config, cfg.parallel.tp)
     try:  # only the pruned model is built; the source is read layer by layer at any layout
         plan.dst.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     except Exception as e:

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from minitron_mcore.errors import require
+from minitron_mcore.checkpoint import hf_mapping
+from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.importance.aggregate import group_scores
 from minitron_mcore.importance.scores import Scores
 from minitron_mcore.models.arch import ModelArch
@@ -78,7 +79,21 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _check_target(src: ModelArch, t: PruneTarget) -> ModelArch:
+def _check_target(
+    src: ModelArch, t: PruneTarget, hf_base: Optional[dict] = None, tp: int = 1
+) -> ModelArch:
+    """The pruned shape ``t`` gives ``src``, refused with one error line when it breaks a target
+    rule or when ``export-hf`` could not write it (:func:`check_exportable`). ``prune`` and
+    ``minitron pipeline``'s plan check (dry runs included) both call this, so a student that
+    cannot be exported fails in seconds, not after its distillation."""
+    dst = _target_shape(src, t)
+    check_exportable(src, t, hf_base, tp)
+    return dst
+
+
+def _target_shape(src: ModelArch, t: PruneTarget) -> ModelArch:
+    """The pruned shape, after the rules of the method itself: sizes within the source's, and
+    every query group keeping the same number of heads."""
     for name in (
         "hidden_size",
         "ffn_hidden_size",
@@ -113,6 +128,90 @@ def _check_target(src: ModelArch, t: PruneTarget) -> ModelArch:
         num_query_groups=groups,
         num_layers=t.num_layers or src.num_layers,
         kv_channels=src.kv_channels,
+    )
+
+
+def check_exportable(
+    src: ModelArch, t: PruneTarget, hf_base: Optional[dict] = None, tp: int = 1
+) -> None:
+    """Refuse, before any weight is read, a target whose pruned model ``export-hf`` could not
+    write, naming the nearest targets that it could.
+
+    transformers 5 validates a config when it is built: ``LlamaConfig`` refuses a hidden size
+    that is not a multiple of the head count even with an explicit ``head_dim`` (SmolLM2-135M,
+    9 heads: ``prune.target.hidden_size=448``), which used to surface as a traceback at the end
+    of the run. The check builds the config the export would write (``hf_base``: the source's
+    config.json, as the export keeps its other fields) and lets transformers judge it.
+    ``tp``: the suggested targets also split over this TP size (when the given one does: else
+    the TP error that follows is the one to read, and suggestions ignore TP).
+    """
+    dst = _target_shape(src, t)
+    reason = hf_mapping.export_refusal(dst, hf_base)
+    if reason is not None:
+        tp = tp if _splits(dst, tp) else 1
+        raise MinitronError(_refusal_message(src, t, dst, reason, hf_base, tp))
+
+
+def _splits(arch: ModelArch, tp: int) -> bool:
+    """Whether ``arch``'s heads, groups and MLP split over ``tp`` ranks (PP splits layers,
+    which a width suggestion keeps)."""
+    try:
+        arch.check_parallel(tp, 1)
+    except MinitronError:
+        return False
+    return True
+
+
+def _accepted(src: ModelArch, t: PruneTarget, hf_base: Optional[dict], tp: int) -> bool:
+    """Whether ``prune`` would take target ``t``: the target rules, a split over ``tp`` ranks,
+    and a config transformers accepts."""
+    try:
+        dst = _target_shape(src, t)
+    except MinitronError:
+        return False
+    return _splits(dst, tp) and hf_mapping.export_refusal(dst, hf_base) is None
+
+
+def _nearest_target(
+    src: ModelArch, t: PruneTarget, hf_base: Optional[dict], tp: int
+) -> Optional[tuple[str, list[int]]]:
+    """The first target key the user set that, changed alone, gives a target ``prune`` takes,
+    with its nearest such values (between 1 and the source's size)."""
+    for key in hf_mapping.SIZE_KEYS:
+        value = getattr(t, key)
+        if value is None:
+            continue
+
+        def accepts(v: int, key: str = key) -> bool:
+            return _accepted(src, dataclasses.replace(t, **{key: v}), hf_base, tp)
+
+        near = hf_mapping.nearest_accepted(value, accepts, 1, getattr(src, key))
+        if near:
+            return key, near
+    return None
+
+
+def _refusal_message(
+    src: ModelArch, t: PruneTarget, dst: ModelArch, reason: str, hf_base: Optional[dict], tp: int
+) -> str:
+    """One line: which target transformers refuses, its words, and what it would accept."""
+    import transformers
+
+    refused = f"gives a config transformers {transformers.__version__} refuses for {dst.family} "
+    refused += f"({reason})"
+    found = _nearest_target(src, t, hf_base, tp)
+    if found:
+        key, near = found
+        values = " or ".join(map(str, near))
+        return f"prune.target.{key}={getattr(t, key)} {refused}; nearest accepted: {values}"
+    if hf_mapping.export_refusal(src, hf_base) is not None:
+        return (
+            f"the source model {refused}; export-hf could write neither it nor a model pruned "
+            "from it: fix the source's config or upgrade transformers"
+        )
+    return (
+        f"the pruned model {refused}, and no single prune.target value within "
+        f"{hf_mapping.NEAREST_REACH} of the ones given is accepted; change several targets"
     )
 
 
@@ -154,8 +253,16 @@ def choose_layers(src: ModelArch, cfg: PruneConfig, scores: Optional[Scores]) ->
     return top_k(scores.tensors["layer_bi"], keep)
 
 
-def make_plan(src: ModelArch, cfg: PruneConfig, scores: Optional[Scores]) -> PrunePlan:
-    dst = _check_target(src, cfg.target)
+def make_plan(
+    src: ModelArch,
+    cfg: PruneConfig,
+    scores: Optional[Scores],
+    hf_base: Optional[dict] = None,
+    tp: int = 1,
+) -> PrunePlan:
+    """``hf_base`` and ``tp``: the source's HF config and the TP size, for the export check
+    (:func:`check_exportable`)."""
+    dst = _check_target(src, cfg.target, hf_base, tp)
     kept_layers = choose_layers(src, cfg, scores)
     dst = dst.replace(num_layers=len(kept_layers))
     agg = cfg.agg or None
