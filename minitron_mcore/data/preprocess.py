@@ -23,8 +23,7 @@ from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
 
 TEXT_MODES = ("file", "line", "paragraph")
-_POSTFIX_SECONDS = 1.0  # progress bar's token count / on_progress callback
-_LOG_SECONDS = 30.0  # a log line when the bar is hidden (no TTY: torchrun, SLURM logs)
+_POSTFIX_SECONDS = 1.0  # progress's token count / on_progress callback
 
 
 @dataclass
@@ -108,9 +107,9 @@ def write_indexed(
 ) -> dict:
     """Tokenize ``docs`` and write ``prefix.bin/.idx`` atomically. Returns counts.
 
-    Progress (documents, tokens, tokens/s) shows on rank 0 as a progress bar on a terminal,
-    as a log line every 30 s otherwise; ``on_progress(documents, tokens)`` is called about
-    once a second."""
+    Progress (documents, tokens, tokens/s) shows on rank 0 through :func:`progress`: a bar on a
+    terminal, a log line a minute otherwise (the count has no total: the input is a stream);
+    ``on_progress(documents, tokens)`` is called about once a second."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from minitron_mcore.data.tokenizer import Tokenizer
@@ -128,7 +127,7 @@ def write_indexed(
             _init_worker(tokenizer_path)
             pool, encoded = None, map(_encode, docs)
         bar = progress(encoded, desc="preprocess", unit="doc")
-        start = last = last_log = time.monotonic()
+        start = last = time.monotonic()
         for ids in bar:
             builder.add_document(ids, [ids.size])
             n_docs += 1
@@ -142,14 +141,6 @@ def write_indexed(
             )
             if on_progress is not None:
                 on_progress(n_docs, n_tokens)
-            if bar.disable and now - last_log >= _LOG_SECONDS:
-                last_log = now
-                log0(
-                    "preprocess: %s documents, %s tokens, %s tokens/s",
-                    human_count(n_docs),
-                    human_count(n_tokens),
-                    human_count(rate),
-                )
         bar.close()
         if pool is not None:
             pool.close()

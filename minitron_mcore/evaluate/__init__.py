@@ -27,7 +27,7 @@ from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.stages.common import check_tokenizer_vocab, train_dtype
 from minitron_mcore.train.loop import evaluate as eval_loss
 from minitron_mcore.train.step import lm_forward_step
-from minitron_mcore.utils.log import emit_metrics, log0
+from minitron_mcore.utils.log import emit_metrics, log0, progress
 
 
 @dataclass
@@ -115,10 +115,11 @@ def _valid_loss(cfg: EvaluateConfig, model, meta, tok) -> dict:
         ps.get_data_parallel_rank(),
         ps.get_data_parallel_world_size(),
     )
+    lazy = (gb.get(i) for i in range(cfg.iters))  # progress follows the forward passes
     loss = eval_loss(
         model,
         lm_forward_step(meta.arch.vocab_size),
-        [gb.get(i) for i in range(cfg.iters)],
+        progress(lazy, "validation", cfg.iters, unit="batch"),
         cfg.seq_length,
     )
     ppl = math.exp(min(loss, 50.0))

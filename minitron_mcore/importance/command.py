@@ -132,6 +132,13 @@ def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int) -
     return merged
 
 
+def _ticking(batches, bar):
+    """``batches`` again, advancing ``bar`` as each global batch's forward passes finish."""
+    for b in batches:
+        yield b
+        bar.update(1)
+
+
 def _layer_losses(model, fwd, batches, seq, arch, block_sizes, metric_fn, cache_gb):
     from megatron.core import parallel_state as ps
 
@@ -159,20 +166,26 @@ def _layer_losses(model, fwd, batches, seq, arch, block_sizes, metric_fn, cache_
         if cache
         else "full passes (pipeline size > 1 or importance.layer_cache_gb too small)",
     )
+    # One bar over every global batch of every pass: a pass over a large calibration set is
+    # long on a big model, and the ETA covers all passes.
+    bar = progress(None, "layer-removal loss", total=(passes + 1) * len(batches), unit="batch")
+    bar.set_postfix_str("full model")
     with cache.capture() if cache else contextlib.nullcontext():
-        out = {"base_loss": torch.tensor(evaluate(model, fwd, batches, seq))}
+        out = {"base_loss": torch.tensor(evaluate(model, fwd, _ticking(batches, bar), seq))}
     for n in block_sizes:
         losses = []
-        for i in progress(range(num_layers - n + 1), desc=f"loss w/o block of {n}"):
+        for i in range(num_layers - n + 1):
+            bar.set_postfix_str(f"without layers {i}..{i + n - 1}")
             block = cache.without(i, n) if cache else skip_layers(model, set(range(i, i + n)))
             with block:
-                losses.append(evaluate(model, fwd, batches, seq))
+                losses.append(evaluate(model, fwd, _ticking(batches, bar), seq))
         out[f"layer_loss.block{n}"] = torch.tensor(losses)
+    bar.close()
     del cache  # free the cached inputs before any user metric runs
     user = {}
     if metric_fn is not None:
         user["full"] = float(metric_fn(model))
-        for i in range(num_layers):
+        for i in progress(range(num_layers), "layer_metric", unit="layer"):
             with skip_layers(model, {i}):
                 user[str(i)] = float(metric_fn(model))
     return out, user
@@ -227,12 +240,10 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
         collector = ActivationCollector(model)
         collector.attach()
         log0("importance: %d samples x %d tokens on %s", icfg.num_samples, seq, cfg.load)
-        calib_loss = evaluate(
-            model,
-            fwd,
-            [batches.get(i) for i in progress(range(icfg.num_samples // step), desc="calibration")],
-            seq,
-        )
+        # Built lazily, so the progress follows the forward passes (the time is spent there).
+        n_calib = icfg.num_samples // step
+        lazy = (batches.get(i) for i in range(n_calib))
+        calib_loss = evaluate(model, fwd, progress(lazy, "calibration", n_calib, unit="batch"), seq)
         collector.detach()
         tensors = _layer_tensors(_reduce_and_gather(collector), collector, arch.num_layers)
         user = {}

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -110,10 +111,109 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
+_PROGRESS_INTERVAL = 60.0  # seconds between progress lines off a terminal
+
+
+def progress_interval() -> float:
+    """``MINITRON_PROGRESS_INTERVAL`` (seconds, default 60; 0 = a line per item). A bad value
+    falls back to the default with a warning rather than failing rank 0 alone mid-run."""
+    raw = os.environ.get("MINITRON_PROGRESS_INTERVAL", "").strip()
+    if not raw:
+        return _PROGRESS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value >= 0:
+        return value
+    log0("MINITRON_PROGRESS_INTERVAL=%r is not seconds >= 0; using %g", raw, _PROGRESS_INTERVAL)
+    return _PROGRESS_INTERVAL
+
+
+class LogProgress:
+    """Progress as log lines, for output that is not a terminal (torchrun, SLURM, ``| tee``),
+    where a tqdm bar is invisible or floods the file with carriage returns.
+
+    The subset of tqdm's interface the loops use: iterate it, or ``update(n)`` then
+    ``close()``; ``set_postfix_str`` adds text to the lines but the last. A line comes after
+    the first item (the user sees the loop started and its speed), then whenever ``interval``
+    seconds have passed since the last line, and at the end with the total time. Rate and ETA
+    are averages since the start: with lines a minute apart, a recent rate would be one noisy
+    sample."""
+
+    disable = False  # tqdm's flag, for callers that check whether progress is shown
+
+    def __init__(
+        self, iterable, desc: str, total=None, interval=_PROGRESS_INTERVAL, unit="it", clock=None
+    ):
+        self.iterable, self.desc, self.total = iterable, desc, total
+        self.unit, self.interval = unit, interval
+        self.clock = clock or time.monotonic  # injectable for tests
+        self.n, self.postfix, self.closed, self.last = 0, "", False, None
+        self.start = self.clock()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)  # the caller's work on ``item`` is done when it asks for the next
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if self.last is None or now - self.last >= self.interval:
+            self.last = now
+            log0(self.line(now - self.start))
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        if not self.closed and self.n:
+            log0(self.line(self.clock() - self.start, done=True))
+        self.closed = True
+
+    def line(self, elapsed: float, done: bool = False) -> str:
+        """``calibration: 12/51 (24%), 3.10s/it, ETA 02:00`` (tqdm's own formatting); without
+        a total: count, rate and elapsed time."""
+        from tqdm import tqdm
+
+        total = self.total if self.total and self.n <= self.total else None
+        count = "{n_fmt}/{total_fmt} ({percentage:.0f}%)" if total else "{n_fmt} {unit}"
+        tail = "total {elapsed}" if done else "ETA {remaining}" if total else "elapsed {elapsed}"
+        text = tqdm.format_meter(
+            self.n,
+            total,
+            elapsed,
+            prefix=self.desc,
+            unit=self.unit,
+            postfix="" if done else self.postfix,  # it may be stale by then: the caller sums up
+            bar_format="{desc}: " + count + ", {rate_fmt}{postfix}, " + tail,
+        )
+        return " ".join(text.split())  # tqdm pads the rate to a fixed width
+
+
 def progress(iterable, desc: str, total: int | None = None, **kw):
-    """A tqdm progress bar on global rank 0 (silent elsewhere and when stderr is not a TTY
-    unless MINITRON_PROGRESS=1)."""
+    """Progress of a long loop on global rank 0; silent on the other ranks.
+
+    On a terminal (or with ``MINITRON_PROGRESS=1``) a tqdm bar; otherwise a :class:`LogProgress`
+    that logs a line with the ETA at the first item, every ``MINITRON_PROGRESS_INTERVAL``
+    seconds (default 60) and at the end, so a run under torchrun or SLURM is never silent for
+    long. ``MINITRON_PROGRESS=0`` turns both off. ``total`` defaults to ``len(iterable)``;
+    a generator has none, so pass it (without it the lines show count and rate, no ETA)."""
     from tqdm import tqdm
 
-    show = rank() == 0 and (sys.stderr.isatty() or os.environ.get("MINITRON_PROGRESS") == "1")
-    return tqdm(iterable, desc=desc, total=total, disable=not show, dynamic_ncols=True, **kw)
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    mode = os.environ.get("MINITRON_PROGRESS", "")
+    if rank() != 0 or mode == "0":
+        return tqdm(iterable, total=total, disable=True)
+    if mode == "1" or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, **kw)
+    return LogProgress(iterable, desc, total, progress_interval(), unit=kw.get("unit", "it"))
