@@ -11,6 +11,7 @@ the dataclass does not declare is rejected before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -169,6 +170,37 @@ def _show_config(command: str) -> str:
     return f"minitron {command} [key=value ...]\n\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _output_of(command: str, cfg) -> str | None:
+    """The path a command writes (None: it writes nothing, e.g. a pipeline dry run)."""
+    if command == "pipeline":
+        return None if cfg.pipeline.dry_run else cfg.run_dir or None
+    if command == "evaluate":
+        return cfg.save or (cfg.load.rstrip("/") + ".eval" if cfg.load else None)
+    return getattr(cfg, "save", "") or None
+
+
+@contextlib.contextmanager
+def command_context(command: str, cfg):
+    """What every command runs inside: its process group (owned for the whole command, so
+    that rank 0 decides what the output directory holds for every rank), the lock on its
+    output, taken by rank 0 before any rank reads that directory (one writer per output), and
+    a watch that stops a worker whose launcher died (utils/runlock.py)."""
+    from minitron_mcore.parallel import fail_together, process_group
+    from minitron_mcore.utils.runlock import OutputLock, watch_launcher
+
+    watch_launcher()
+    out = _output_of(command, cfg)
+    with process_group(getattr(cfg, "parallel", None)):
+        lock = OutputLock(out) if out else None
+        if lock is not None:
+            fail_together(lock.acquire, rank0_only=True)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()  # (nothing on ranks that did not take it)
+
+
 def main(argv: list[str] | None = None) -> int:
     from minitron_mcore.utils.log import quiet_known_warnings
 
@@ -190,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             defer_sigterm()
         cfg = compose(command, overrides)
         try:
-            COMMANDS[command].resolve("target")(cfg)
+            with command_context(command, cfg):
+                COMMANDS[command].resolve("target")(cfg)
         except OSError as e:
             raise storage_error(e) from e
         if command in ("pretrain", "correct", "distill"):

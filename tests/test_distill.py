@@ -3,6 +3,8 @@ than the student), the checks before training, and exact resume after SIGKILL.""
 
 import json
 import os
+import re
+import time
 
 import pytest
 import torch
@@ -252,6 +254,59 @@ def test_hidden_loss_pair_off_the_last_stage_is_one_error_on_every_rank(
     assert "pipeline stage" in errors[0], errors
     assert "[rank" not in r.stderr, r.stderr[-3000:]  # no worker traceback (torchrun's own aside)
     assert not os.path.exists(save)
+
+
+def test_launcher_killed_workers_stop_and_the_rerun_refuses_or_resumes(
+    student, teacher, corpora, tmp_path
+):
+    """TP=2: torchrun alone is SIGKILLed at a random moment after the first checkpoint; its
+    workers (in sessions of their own) notice, save at the next step and exit. The same
+    command started at once either refuses with the lock's error (the old workers still
+    write) or resumes; run again once they are gone, it finishes, equal to an uninterrupted
+    run bitwise."""
+    import random
+    import subprocess
+    import sys
+
+    import psutil
+    from conftest import ROOT, _env, _free_port
+
+    data, tp = corpora["stdlib-code"], ("parallel.tp=2",)
+    straight = str(tmp_path / "straight")
+    minitron(*_distill_args(student, teacher, data, straight, 8, *tp), nproc=2)
+    save = str(tmp_path / "out")
+    args = _distill_args(student, teacher, data, save, 8, "train.save_interval=2", *tp)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher = subprocess.Popen(
+        [*run, "--master-port", str(_free_port()), "-m", "minitron_mcore", *args],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(save, "minitron.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(15).uniform(0.0, 1.5))
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    launcher.kill()
+    launcher.wait()
+    again = minitron(*args, nproc=2, check=False)
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, "the launcher's workers kept running"
+    if again.returncode != 0:  # refused: the old workers still held save=
+        errors = [x for x in again.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and "is being written by another run" in errors[0], again.stderr
+        with open(os.path.join(save, "metrics.json")) as f:
+            stopped = json.load(f)  # what the old workers reported when they stopped
+        assert stopped["preempted"] and stopped["step"] < 8, stopped
+        minitron(*args, nproc=2)
+    else:  # the old workers had stopped already: it resumed where they had saved
+        m = re.search(r"resumed \S+ at step (\d+)/8", again.stderr)
+        assert m and int(m.group(1)) < 8, again.stderr[-3000:]
+    assert read_train_state(save)["iteration"] == 8
+    a, b = canonical_weights(straight), canonical_weights(save)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigkill_mid_run_resumes_bitwise(student, teacher, corpora, tmp_path):

@@ -304,6 +304,43 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
+def process_group(parallel: ParallelConfig | None):
+    """The process group for one command, owned for its whole run (the CLI opens it before the
+    command reads its output directory, so that rank 0 can decide what is there for every
+    rank: :func:`rank0_decides`). ``None`` (a command without a ``parallel`` config): no group.
+    Nested inside an existing group it does nothing."""
+    owner = parallel is not None and not dist.is_initialized()
+    try:
+        if owner:
+            init_process_group(parallel)
+        yield
+    except MinitronError as e:
+        if owner:
+            _compare_error_with_rank0(e)
+        raise
+    finally:
+        if owner:
+            shutdown()
+
+
+def rank0_decides(fn: Callable[[], object]):
+    """``fn()`` run on rank 0 alone and its result given to every rank (its error raised on
+    every rank, as :func:`fail_together` does). For the decisions a command reads from the
+    file system at start-up (what to resume from, whether the output is already complete):
+    ranks that list a directory each on their own can see it at different moments."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+
+    def run():
+        box[0] = fn()
+
+    fail_together(run, rank0_only=True)
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
 def parallel_context(parallel: ParallelConfig, seed: int = 1234):
     """Process group + model-parallel groups for one command. Re-entrant: inside an outer
     context (``minitron pipeline`` runs every stage in one process group) the groups of the

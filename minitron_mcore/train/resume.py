@@ -104,10 +104,17 @@ class ResumePlan:
 
 def plan_resume(save: str, resume: str, overwrite: bool, signature: dict, overrides) -> ResumePlan:
     """Decide between resuming, reporting a finished run and starting fresh; refuse to
-    clobber outputs. Read-only (every rank reaches the same answer)."""
-    from minitron_mcore.train.state import read_train_state_at, resume_source
+    clobber outputs. Decided on rank 0 and given to every rank (``parallel.rank0_decides``):
+    ranks listing the directory each on their own could pick different versions."""
+    from minitron_mcore.parallel import rank0_decides
 
     require(resume in ("auto", "never"), f"resume={resume!r}: use auto or never")
+    return rank0_decides(lambda: _plan(save, resume, overwrite, signature, overrides))
+
+
+def _plan(save: str, resume: str, overwrite: bool, signature: dict, overrides) -> ResumePlan:
+    from minitron_mcore.train.state import read_train_state_at, resume_source
+
     overrides = [str(k) for k in overrides]
     source = resume_source(save) if resume == "auto" else None
     if source is None:

@@ -92,8 +92,15 @@ def already_done(
 ) -> dict | None:
     """``None``: go on (``save`` is free, or ``overwrite`` is set). A dict: ``save`` already
     holds this very output - the metrics to report. Anything else in ``save``: refused.
-    ``recorded(save)`` returns the fingerprint stored in a complete output, or ``None``."""
+    ``recorded(save)`` returns the fingerprint stored in a complete output, or ``None``.
+    Decided on rank 0 for every rank (``parallel.rank0_decides``)."""
+    from minitron_mcore.parallel import rank0_decides
+
     require(bool(save), f"save= is empty; pass an output directory for {command}")
+    return rank0_decides(lambda: _done(command, save, overwrite, fp, recorded))
+
+
+def _done(command: str, save: str, overwrite: bool, fp: str, recorded) -> dict | None:
     if overwrite or not os.path.exists(save):
         return None
     try:

@@ -13,6 +13,10 @@ For each :class:`Stage` (one real CLI command on tiny inputs: the catalogue's sh
    * ``rank``     (torchrun) SIGKILL of one worker process after a random delay;
    * ``launcher`` (torchrun) SIGKILL of the launcher's process group and of every worker's
                   (torchrun starts each worker in its own session) - a node going down;
+   * ``launcher-only`` (torchrun) SIGKILL of the launcher alone: its workers, in sessions of
+                  their own, must notice and stop by themselves (a checkpoint at the next
+                  step for training stages) - a worker still alive 30 s after the launcher
+                  is a leftover process, and a problem;
    * ``sigterm``  (training stages) SIGTERM after a random delay, as SLURM preempts: the run
                   must exit 0 with a usable checkpoint;
 
@@ -96,7 +100,7 @@ class Stage:
     needs: tuple = ()  # shared fixtures to build before the reference run is timed
 
     def kill_kinds(self) -> list[str]:
-        return ["rank", "launcher"] if self.nproc > 1 else ["time"]
+        return ["rank", "launcher", "launcher-only"] if self.nproc > 1 else ["time"]
 
 
 PIPELINE = [
@@ -523,7 +527,7 @@ def run_cmd(stage: Stage, argv: list[str], work: str, extra_env=None, kill=None,
 @dataclass
 class Kill:
     stage: str
-    kind: str  # time | point | rank | launcher | sigterm
+    kind: str  # time | point | rank | launcher | launcher-only | sigterm
     delay: float = 0.0  # seconds after the start (time, rank, launcher, sigterm)
     point: int = 0  # fault point (point)
     point_name: str = ""
@@ -561,6 +565,9 @@ class Kill:
             if len(workers) <= self.rank:
                 return False
             _signal(workers[self.rank], signal.SIGKILL)
+            return True
+        if self.kind == "launcher-only":  # the workers are left to notice on their own
+            _signal(proc.pid, signal.SIGKILL)
             return True
         # time / launcher: the whole run dies at once (a node failure)
         _kill_tree([proc.pid, *tree, *_children(proc.pid)], marker=marker)

@@ -5,7 +5,9 @@ collective would, until the launcher stops them).
     torchrun --nproc-per-node 2 tests/workers/cli_error.py 0,1
 """
 
+import os
 import sys
+import tempfile
 import time
 
 
@@ -25,7 +27,9 @@ def main(ranks):
             time.sleep(60)
 
     convert.import_hf = import_hf
-    return cli_main(["import-hf", "load=unused", "save=unused"])
+    # an output in a temporary directory: the command's lock file lies beside it
+    save = os.path.join(tempfile.gettempdir(), f"minitron-cli-error-{os.getppid()}", "out")
+    return cli_main(["import-hf", "load=unused", f"save={save}"])
 
 
 if __name__ == "__main__":
