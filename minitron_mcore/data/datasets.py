@@ -432,9 +432,10 @@ def collate(samples: list[dict]) -> dict:
 
 
 class GlobalBatches:
-    """Deterministic global batches: step ``i`` reads samples ``[i*G, (i+1)*G)`` of the dataset
-    (already shuffled by Megatron); data-parallel rank ``r`` takes its contiguous share, split
-    into micro-batches. Position = consumed samples, so resuming is exact."""
+    """Deterministic global batches: the batch at position ``c`` (samples consumed before it)
+    reads samples ``[c, c+G)`` of the dataset (already shuffled by Megatron); data-parallel rank
+    ``r`` takes its contiguous share, split into micro-batches. Position = consumed samples, so
+    resuming is exact, also with another global batch size."""
 
     def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int):
         require(
@@ -451,8 +452,16 @@ class GlobalBatches:
         return self.g // (self.mbs * self.dp_size)
 
     def get(self, step: int) -> list[dict]:
+        """The micro-batches of global batch ``step`` (0-based) of a run that never changed
+        its global batch size."""
+        return self.get_at(step * self.g)
+
+    def get_at(self, first: int) -> list[dict]:
+        """The micro-batches of the global batch that starts at sample ``first`` (the samples
+        consumed before it: a resumed run continues from the stored count, whatever the
+        global batch size was then)."""
         share = self.g // self.dp_size
-        start = step * self.g + self.dp_rank * share
+        start = first + self.dp_rank * share
         idx = [(start + j) % len(self.ds) for j in range(share)]
         return [
             collate([self.ds[i] for i in idx[k : k + self.mbs]]) for k in range(0, share, self.mbs)

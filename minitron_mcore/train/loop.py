@@ -187,12 +187,20 @@ class Trainer:
         self.sched = optim.build_scheduler(self.opt, cfg, cfg.steps, job.override_schedule)
         optim.attach_to_config(job.model.config, self.ddp, self.opt)
         self.model = self.objective.schedule_model(self.ddp)
-        self.start = 0
+        self.start = self.consumed = 0  # steps done, samples consumed (Megatron-LM's
+        # consumed_train_samples: with resume_override=[train.global_batch_size] the two differ)
         if job.resume_from:
             # Weights go through the unwrapped model: DDP's names carry a 'module.' prefix.
             state = load_training_checkpoint(job.resume_from, job.model, self.opt, self.sched)
             self.start = state["iteration"]
-            log0("resumed %s at step %d/%d", job.resume_from, self.start, cfg.steps)
+            self.consumed = int(state.get("consumed_samples", self.start * cfg.global_batch_size))
+            log0(
+                "resumed %s at step %d/%d (%d samples consumed)",
+                job.resume_from,
+                self.start,
+                cfg.steps,
+                self.consumed,
+            )
         self._build_data(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         self.log_dir = cfg.log_dir or job.save.rstrip("/") + ".logs"
         self.logger = RunLogger(
@@ -218,7 +226,7 @@ class Trainer:
             self.job.tokenizer,
             cfg.seq_length,
             self.job.seed,
-            train_samples=cfg.steps * cfg.global_batch_size,
+            train_samples=self.consumed + (cfg.steps - self.start) * cfg.global_batch_size,
             valid_samples=cfg.eval_iters * cfg.global_batch_size,
         )
         gbs, mbs = cfg.global_batch_size, cfg.micro_batch_size
@@ -260,13 +268,14 @@ class Trainer:
             self.opt,
             self.sched,
             obj.forward_step,
-            self.batches.get(step - 1),
+            self.batches.get_at(self.consumed),
             self.job.train.seq_length,
             obj.adjust_tensor_shapes_fn,
             accept=finite,
         )
         if not math.isfinite(values[obj.primary]):
             raise Diverged(step, f"{obj.primary} {values[obj.primary]}")
+        self.consumed += self.job.train.global_batch_size
         return dict(values, lr=lr, grad_norm=float(grad_norm or 0.0))
 
     def _report_names(self, local: Optional[list]) -> list:
@@ -281,7 +290,7 @@ class Trainer:
         job, cfg = self.job, self.job.train
         train_state = {
             "iteration": step,
-            "consumed_samples": step * cfg.global_batch_size,
+            "consumed_samples": self.consumed,
             "stage": job.stage,
             "steps": cfg.steps,
             "lr": cfg.lr,

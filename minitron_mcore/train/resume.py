@@ -132,6 +132,13 @@ def _plan(save: str, resume: str, overwrite: bool, signature: dict, overrides) -
         "choose a new save= (or pass resume=never overwrite=true to start over)",
     )
     check_same_run(saved, signature, overrides, save)
+    require(
+        saved.get("train.seq_length") == signature.get("train.seq_length"),
+        f"resume_override=[train.seq_length] cannot continue the run in save={save}: its data "
+        f"position counts samples of {saved.get('train.seq_length')} tokens, and the samples of "
+        f"{signature.get('train.seq_length')} tokens are other ones; start a new run (another "
+        "save=, or load= its checkpoint)",
+    )
     if state["iteration"] >= signature["train.steps"]:
         metrics = state.get("final_metrics") or {"step": state["iteration"]}
         return ResumePlan(source=source, finished=dict(metrics, already_finished=True))
