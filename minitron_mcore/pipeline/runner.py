@@ -144,13 +144,20 @@ def _summary(step: Step, m: dict, seconds: float) -> str:
 
 def check_plan(cfg: PipelineConfig) -> None:
     """Fail in seconds, not after hours of correction: every student target and the TP/PP
-    layout must fit the teacher."""
+    layout must fit the teacher; what the last steps need must be there (lm-eval when tasks
+    are set, a writable run_dir with room for the first training checkpoint)."""
     from minitron_mcore.pipeline.plan import teacher_arch
     from minitron_mcore.prune.plan import _check_target
+    from minitron_mcore.utils import preflight
 
     arch = teacher_arch(cfg)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     arch.check_parallel(tp, pp)
+    preflight.require_lm_eval(cfg.evaluate.lm_eval_tasks, "evaluate.lm_eval_tasks")
+    if not cfg.pipeline.dry_run:
+        preflight.require_writable(cfg.run_dir, "run_dir")
+        need = preflight.checkpoint_bytes(arch.num_params(), training=True)
+        preflight.require_free_disk(cfg.run_dir, need, "the teacher's first checkpoint", "run_dir")
     for v in cfg.students:
         try:
             dst = _check_target(arch, v.target)

@@ -79,3 +79,13 @@ def finished_run(plan, save: str) -> dict:
     log0("save=%s already holds this finished run; nothing to do (metrics below)", save)
     emit_metrics(plan.finished, None)
     return plan.finished
+
+
+def check_room_for_checkpoint(save: str, arch) -> None:
+    """Before the first step: ``save`` can be written and has room for a training checkpoint
+    of ``arch`` (weights and optimizer state), rather than failing at the first save."""
+    from minitron_mcore.utils import preflight
+
+    preflight.require_writable(save, "save")
+    need = preflight.checkpoint_bytes(arch.num_params(), training=True)
+    preflight.require_free_disk(save, need, "a training checkpoint", "save")

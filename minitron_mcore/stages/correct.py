@@ -23,6 +23,7 @@ from minitron_mcore.errors import require
 from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
+    check_room_for_checkpoint,
     check_tokenizer_vocab,
     dtype_name,
     finished_run,
@@ -87,6 +88,7 @@ def correct(cfg: CorrectConfig) -> dict:
     plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
     if plan.finished:
         return finished_run(plan, cfg.save)
+    check_room_for_checkpoint(cfg.save, meta.arch)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(
             "correct: %s, peak lr %.3g (x%.2f of the original), warmup %d, %s decay to %.3g, "

@@ -32,6 +32,7 @@ from minitron_mcore.models.build import resolve_dtype
 from minitron_mcore.parallel import fail_together, parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
+    check_room_for_checkpoint,
     check_tokenizer_vocab,
     dtype_name,
     finished_run,
@@ -188,6 +189,7 @@ def distill(cfg: DistillConfig) -> dict:
     plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
     if plan.finished:
         return finished_run(plan, cfg.save)
+    check_room_for_checkpoint(cfg.save, smeta.arch)
     pruned_from_teacher = checks.check_provenance(smeta, tmeta, cfg.teacher)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(

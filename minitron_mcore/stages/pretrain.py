@@ -22,6 +22,7 @@ from minitron_mcore.models.build import build_model_for_stage
 from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
+    check_room_for_checkpoint,
     dtype_name,
     finished_run,
     train_dtype,
@@ -66,6 +67,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
     if plan.finished:
         return finished_run(plan, cfg.save)
+    check_room_for_checkpoint(cfg.save, arch)
     with parallel_context(cfg.parallel, cfg.seed):
         log0(
             "pretrain: %s model (%s params), %d steps x %d samples x %d tokens",
