@@ -256,6 +256,7 @@ def test_hidden_loss_pair_off_the_last_stage_is_one_error_on_every_rank(
     assert not os.path.exists(save)
 
 
+@pytest.mark.slow  # ~1 min: three TP=2 runs (CI time); python3 -m pytest -q -m slow
 def test_launcher_killed_workers_stop_and_the_rerun_refuses_or_resumes(
     student, teacher, corpora, tmp_path
 ):
