@@ -185,10 +185,11 @@ def command_context(command: str, cfg):
     that rank 0 decides what the output directory holds for every rank), the lock on its
     output, taken by rank 0 before any rank reads that directory (one writer per output), and
     a watch that stops a worker whose launcher died (utils/runlock.py)."""
-    from minitron_mcore.parallel import fail_together, process_group
+    from minitron_mcore.parallel import fail_together, launcher_ranks, process_group
     from minitron_mcore.utils.runlock import OutputLock, watch_launcher
 
-    watch_launcher()
+    if launcher_ranks() is not None:  # a worker of torchrun or of an srun job step
+        watch_launcher()
     out = _output_of(command, cfg)
     with process_group(getattr(cfg, "parallel", None)):
         lock = OutputLock(out) if out else None

@@ -133,7 +133,7 @@ def test_ranks_resume_what_rank_0_decided(llama_ckpt, corpora, tmp_path):
 
 
 def test_worker_stops_when_its_launcher_dies(tmp_path):
-    """A worker started by a launcher (RANK set) gets SIGTERM once the launcher is gone."""
+    """A worker watching its launcher gets SIGTERM once the launcher is gone."""
     flag = tmp_path / "sigterm"
     child = (
         "import signal, sys, time\n"

@@ -212,12 +212,13 @@ def _make_parents(parent: str) -> str | None:
 # ----------------------------------------------------------------------------- the launcher
 
 
-def watch_launcher(interval: float = 1.0) -> threading.Thread | None:
+def watch_launcher(interval: float = 1.0) -> threading.Thread:
     """Send this process SIGTERM once the process that started it is gone (a daemon thread
-    polling the parent pid). Only for workers started by a launcher (torchrun, srun): a plain
-    ``minitron`` run belongs to the user's shell. Returns the thread (None when not started)."""
-    if "RANK" not in os.environ and "SLURM_STEP_ID" not in os.environ:
-        return None
+    polling the parent pid). For workers started by a launcher (torchrun, an srun job step:
+    ``parallel.launcher_ranks``); a plain ``minitron`` run belongs to the user's shell.
+
+    A launcher that dies before this starts is not seen here; torchrun's workers then fail at
+    the rendezvous, whose store the launcher hosts."""
     parent = os.getppid()
 
     def watch():
