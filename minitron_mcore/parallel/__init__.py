@@ -346,17 +346,9 @@ def parallel_context(parallel: ParallelConfig, seed: int = 1234):
     context (``minitron pipeline`` runs every stage in one process group) the groups of the
     same layout are kept (another layout replaces them), the seeds are set anew, and the
     process group is left to the outer owner."""
-    owner = not dist.is_initialized()
-    try:
+    with process_group(parallel):
         init_parallel(parallel, seed)
         yield
-    except MinitronError as e:
-        if owner:
-            _compare_error_with_rank0(e)
-        raise
-    finally:
-        if owner:
-            shutdown()
 
 
 # ------------------------------------------------------------------- one message per error
