@@ -132,22 +132,12 @@ def test_ranks_resume_what_rank_0_decided(llama_ckpt, corpora, tmp_path):
     assert steps == [1, 2, 3, 4], steps  # steps 3-4 continue the first run's 1-2
 
 
-def test_worker_stops_when_its_launcher_dies(tmp_path):
-    """A worker watching its launcher gets SIGTERM once the launcher is gone."""
-    flag = tmp_path / "sigterm"
-    child = (
-        "import signal, sys, time\n"
-        "from minitron_mcore.utils.runlock import watch_launcher\n"
-        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(flag)!r}, 'w').close(), "
-        "sys.exit(0)))\n"
-        "watch_launcher(interval=0.05)\n"
-        "time.sleep(60)\n"
-    )
-    # the launcher starts the worker in a session of its own (as torchrun does) and waits
+def _orphan(tmp_path, body: str, launcher_lives: float) -> int:
+    """Start ``body`` as a worker of a launcher (in a session of its own, as torchrun does),
+    SIGKILL the launcher after ``launcher_lives`` seconds; returns the worker's pid."""
     launcher = (
         "import os, subprocess, sys, time\n"
-        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True, "
-        "env=dict(os.environ, RANK='0'))\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {body!r}], start_new_session=True)\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -156,16 +146,57 @@ def test_worker_stops_when_its_launcher_dies(tmp_path):
         [sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, env=env
     )
     worker = int(proc.stdout.readline())
-    time.sleep(3)  # the worker is up and watching
-    assert not flag.exists()
+    time.sleep(launcher_lives)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 20
-    while not flag.exists() and time.time() < deadline:
+    return worker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(cond, seconds: float = 20.0) -> bool:
+    deadline = time.time() + seconds
+    while not cond() and time.time() < deadline:
         time.sleep(0.05)
-    assert flag.exists(), "the orphaned worker kept running"
-    with __import__("contextlib").suppress(ProcessLookupError):
-        os.kill(worker, signal.SIGKILL)
+    return cond()
+
+
+def test_worker_stops_when_its_launcher_dies(tmp_path):
+    """A worker watching its launcher: once its process group is up, the launcher's death is
+    a SIGTERM (a checkpoint at the next step); before that (the worker was starting or waits
+    at a rendezvous the dead launcher hosted) it exits at once; and a launcher already gone
+    when the watch starts is seen too."""
+    flag = tmp_path / "sigterm"
+    up = (
+        "import signal, sys, time\n"
+        "import torch.distributed as dist\n"
+        "from minitron_mcore.utils.runlock import watch_launcher\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(flag)!r}, 'w').close(), "
+        "sys.exit(0)))\n"
+        "watch_launcher(interval=0.05)\n"
+        "time.sleep(60)\n"
+    )
+    worker = _orphan(tmp_path, up, launcher_lives=4)
+    assert _wait_for(flag.exists), "the orphaned worker kept running"
+    _wait_for(lambda: not _alive(worker))
+    starting = (
+        "import time\n"
+        "from minitron_mcore.utils.runlock import watch_launcher\n"
+        "watch_launcher(interval=0.05)\n"
+        "time.sleep(60)  # as if blocked at the rendezvous\n"
+    )
+    worker = _orphan(tmp_path, starting, launcher_lives=3)
+    assert _wait_for(lambda: not _alive(worker)), "a worker left starting kept waiting"
+    late = "import time\ntime.sleep(2)\n" + starting  # the watch starts after the death
+    worker = _orphan(tmp_path, late, launcher_lives=0.2)
+    assert _wait_for(lambda: not _alive(worker)), "a worker orphaned before its watch kept on"
 
 
 def test_resume_with_another_global_batch_sees_every_sample_once(llama_ckpt, corpora, tmp_path):

@@ -212,18 +212,36 @@ def _make_parents(parent: str) -> str | None:
 # ----------------------------------------------------------------------------- the launcher
 
 
+def _pid1_is_a_launcher() -> bool:
+    """Is PID 1 itself a launcher (torchrun as a container's entry point, srun's stepd)?"""
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return True  # cannot tell: assume the parent is the launcher
+    return any(k in cmd for k in (b"torch", b"srun", b"slurmstepd", b"minitron"))
+
+
 def watch_launcher(interval: float = 1.0) -> threading.Thread:
-    """Send this process SIGTERM once the process that started it is gone (a daemon thread
-    polling the parent pid). For workers started by a launcher (torchrun, an srun job step:
+    """Stop this process once the process that started it is gone (a daemon thread polling the
+    parent pid). For workers started by a launcher (torchrun, an srun job step:
     ``parallel.launcher_ranks``); a plain ``minitron`` run belongs to the user's shell.
 
-    A launcher that dies before this starts is not seen here; torchrun's workers then fail at
-    the rendezvous, whose store the launcher hosts."""
+    Once the process group is up: SIGTERM, i.e. a checkpoint at the next step and exit 0.
+    Before it (the worker was still starting, or waits at the rendezvous whose store torchrun
+    hosts - until the collective timeout): nothing has run yet, so it exits at once. A launcher
+    gone before this is called shows as a parent pid of 1 that is not a launcher itself."""
     parent = os.getppid()
+    gone_already = parent == 1 and not _pid1_is_a_launcher()
 
     def watch():
-        while os.getppid() == parent:
+        while not gone_already and os.getppid() == parent:
             time.sleep(interval)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            log0("the launcher (pid %d) is gone before the run started: exiting", parent)
+            os._exit(1)  # the main thread may be blocked in the rendezvous
         log0("the launcher (pid %d) is gone: stopping as on SIGTERM", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
