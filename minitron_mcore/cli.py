@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from minitron_mcore.errors import MinitronError, storage_error
+from minitron_mcore.utils.config import compose_config
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ COMMANDS = {
         ),
         Command(
             "preprocess",
-            "minitron_mcore.data.preprocess:preprocess",
-            "minitron_mcore.data.preprocess:PreprocessConfig",
+            "minitron_mcore.stages.preprocess:preprocess",
+            "minitron_mcore.stages.preprocess:PreprocessConfig",
             "text / JSONL -> Megatron indexed dataset (.bin/.idx)",
         ),
         Command(
@@ -102,16 +102,6 @@ COMMANDS = {
 }
 
 
-def conf_dir() -> str:
-    """The project's ``conf/`` directory (installed as the ``minitron_mcore.conf`` package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("minitron_mcore.conf")
-    if spec and spec.submodule_search_locations:
-        return list(spec.submodule_search_locations)[0]
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-
-
 def _usage() -> str:
     lines = [
         "usage: minitron <command> [key=value ...]",
@@ -131,36 +121,7 @@ def _usage() -> str:
 
 def compose(command: str, overrides: list[str]):
     """Hydra-compose ``conf/<command>.yaml`` with ``overrides`` into the command's dataclass."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    cmd = COMMANDS[command]
-    # `pipeline.from.<stage>=PATH`: `from` is a Python keyword, so the field is `from_`.
-    overrides = [re.sub(r"^\+*pipeline\.from\.", "++pipeline.from_.", o) for o in overrides]
-    schema_name = f"{command.replace('-', '_')}_schema"
-    ConfigStore.instance().store(name=schema_name, node=cmd.resolve("schema"))
-    try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-            cfg = hydra_compose(config_name=command, overrides=overrides)
-        return OmegaConf.to_object(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        chain, err = [], e
-        while err is not None:  # Hydra wraps OmegaConf's precise error as __cause__
-            chain.append(str(err).strip().splitlines()[0] if str(err).strip() else "")
-            err = err.__cause__
-        unknown = re.search(r"Key '([^']+)' is not in struct", " ".join(map(str, chain)))
-        if unknown or "Could not override" in chain[0]:
-            key = unknown.group(1) if unknown else chain[0].split("'")[1]
-            first = f"unknown key {key!r}"
-        else:
-            first = "; ".join(c for c in chain if c)
-        raise MinitronError(
-            f"bad configuration for `{command}`: {first}; see `minitron {command} --help`"
-        ) from e
+    return compose_config(command, COMMANDS[command].resolve("schema"), overrides)
 
 
 def _show_config(command: str) -> str:

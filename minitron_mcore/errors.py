@@ -20,6 +20,13 @@ def require(condition: bool, message: str) -> None:
         raise MinitronError(message)
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters ('' if empty):
+    what an error line quotes of a library's error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 # What the user can do about an OSError of the filesystem (a full disk, a read-only mount);
 # any other OSError is a bug or an unexpected system state and keeps its traceback.
 _STORAGE_FIXES = {

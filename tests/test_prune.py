@@ -256,7 +256,7 @@ def test_prune_errors(capsys, ckpts, tmp_path):
 def test_recipes_give_the_papers_shapes():
     from minitron_mcore.cli import compose
     from minitron_mcore.models.arch import load_preset
-    from minitron_mcore.prune.plan import _check_target
+    from minitron_mcore.prune.plan import check_target
 
     expect = {
         "llama3.1-8b-width": (
@@ -271,11 +271,11 @@ def test_recipes_give_the_papers_shapes():
     }
     for recipe, (preset, shape) in expect.items():
         cfg = compose("prune", [f"+recipe={recipe}"])
-        dst = _check_target(load_preset(preset), cfg.prune.target)
+        dst = check_target(load_preset(preset), cfg.prune.target)
         for k, v in shape.items():
             assert getattr(dst, k) == v, (recipe, k)
     # The papers' 4B Llama: ~4.5B parameters including embeddings.
-    width = _check_target(
+    width = check_target(
         load_preset("llama3.1-8b"), compose("prune", ["+recipe=llama3.1-8b-width"]).prune.target
     )
     assert 4.4e9 < width.num_params() < 4.6e9
@@ -390,7 +390,7 @@ def test_prune_refuses_a_target_transformers_cannot_load(capsys, ckpts, tmp_path
     command and by the target check that `minitron pipeline` runs (dry runs included)."""
     from minitron_mcore.cli import main
     from minitron_mcore.errors import MinitronError
-    from minitron_mcore.prune.plan import PruneTarget, _check_target
+    from minitron_mcore.prune.plan import PruneTarget, check_target
 
     ckpt, scores, out = ckpts["llama"], str(tmp_path / "scores"), str(tmp_path / "o")
     hand_made_scores(ckpt, scores)
@@ -403,7 +403,7 @@ def test_prune_refuses_a_target_transformers_cannot_load(capsys, ckpts, tmp_path
     assert lines[0].endswith("nearest accepted: 60 or 64"), lines[0]
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
     with pytest.raises(MinitronError, match="nearest accepted: 60 or 64"):
-        _check_target(read_meta(ckpt).arch, PruneTarget(hidden_size=62))
+        check_target(read_meta(ckpt).arch, PruneTarget(hidden_size=62))
 
 
 def test_accepted_neighbour_prunes_exports_and_loads(ckpts, tokens, tmp_path):

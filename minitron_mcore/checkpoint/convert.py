@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitron_mcore.checkpoint import hf_io, hf_mapping
+from minitron_mcore.checkpoint.layout import is_hf_dir
 from minitron_mcore.checkpoint.megatron import (
     CheckpointMeta,
     WeightsReader,
@@ -26,13 +27,13 @@ from minitron_mcore.checkpoint.megatron import (
     save_checkpoint,
     tokenizer_files_of,
 )
+from minitron_mcore.checkpoint.rerun import already_done, checkpoint_fingerprint, fingerprint
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import padded_vocab_size
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context, world_size
 from minitron_mcore.utils.faults import fault_point
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
-from minitron_mcore.utils.rerun import already_done, checkpoint_fingerprint, fingerprint
 
 
 @dataclass
@@ -67,6 +68,14 @@ class ExportHFConfig:
     """Split the safetensors weights into files of at most this size."""
     overwrite: bool = False
     """Replace ``save`` if it exists (atomically, only once the export is complete)."""
+
+
+def model_arch_of(path: str):
+    """The shape of the model at ``path`` without reading a weight: a Hugging Face directory's
+    ``config.json`` as ``import-hf`` maps it, or a minitron checkpoint's sidecar."""
+    if is_hf_dir(path):
+        return hf_mapping.arch_from_hf_config(hf_io.read_hf_config(path))
+    return read_meta(path).arch
 
 
 def import_hf(cfg: ImportHFConfig) -> dict:

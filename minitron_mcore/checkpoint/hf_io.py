@@ -15,19 +15,9 @@ from collections.abc import Iterable
 
 import torch
 
+from minitron_mcore.data.tokenizer import TOKENIZER_FILES, tokenizer_files  # noqa: F401
 from minitron_mcore.errors import MinitronError, require
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -61,14 +51,6 @@ def read_generation_config(hf_dir: str) -> dict | None:
 def hf_dtype(cfg: dict) -> str:
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return HF_DTYPES.get(str(name).replace("torch.", ""), "fp32")
-
-
-def tokenizer_files(src_dir: str) -> list[str]:
-    return [
-        os.path.join(src_dir, f)
-        for f in TOKENIZER_FILES
-        if os.path.isfile(os.path.join(src_dir, f))
-    ]
 
 
 def check_tokenizer(src_dir: str) -> list[str]:

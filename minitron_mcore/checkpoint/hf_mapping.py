@@ -21,17 +21,24 @@ import torch
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import ModelArch
 
-# Megatron canonical key -> HF name pattern ({i} = layer index).
-QKV = "decoder.layers.self_attention.linear_qkv.weight"
-QKV_BIAS = "decoder.layers.self_attention.linear_qkv.bias"
-PROJ = "decoder.layers.self_attention.linear_proj.weight"
-INPUT_NORM = "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
-MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
-FC1 = "decoder.layers.mlp.linear_fc1.weight"
-FC2 = "decoder.layers.mlp.linear_fc2.weight"
-EMBED = "embedding.word_embeddings.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-OUTPUT = "output_layer.weight"
+# The canonical names and layouts (models/canonical.py), importable from here as before.
+from minitron_mcore.models.canonical import (  # noqa: F401
+    EMBED,
+    FC1,
+    FC2,
+    FINAL_NORM,
+    INPUT_NORM,
+    MLP_NORM,
+    OUTPUT,
+    PROJ,
+    QKV,
+    QKV_BIAS,
+    global_keys,
+    interleave_qkv,
+    layer_keys,
+    layer_shapes,
+    split_qkv,
+)
 
 _HF_LAYER = "model.layers.{i}."
 _SIMPLE_LAYER = {
@@ -279,26 +286,7 @@ def refused_size(arch: ModelArch, base: dict | None) -> tuple[str, list[int]] | 
 
 
 # ---------------------------------------------------------------------------- tensors
-
-
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch):
-    """HF separate q/k/v ([n*d, ...]) -> Megatron fused QKV, grouped per query group as
-    [q heads of group g, k_g, v_g] for g = 0..groups-1."""
-    g, d, hpg = arch.num_query_groups, arch.kv_channels, arch.heads_per_group
-    rest = q.shape[1:]
-    q = q.reshape(g, hpg * d, *rest)
-    k = k.reshape(g, d, *rest)
-    v = v.reshape(g, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(g * (hpg + 2) * d, *rest)
-
-
-def split_qkv(qkv: torch.Tensor, arch: ModelArch):
-    """Inverse of :func:`interleave_qkv`."""
-    g, d, hpg = arch.num_query_groups, arch.kv_channels, arch.heads_per_group
-    rest = qkv.shape[1:]
-    grouped = qkv.reshape(g, (hpg + 2) * d, *rest)
-    q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
-    return (q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest))
+# (Megatron side: models/canonical.py; HF name patterns with {i} = the layer index.)
 
 
 def pad_vocab(w: torch.Tensor, padded: int) -> torch.Tensor:
@@ -359,32 +347,6 @@ def canonical_global_to_hf(t: dict[str, torch.Tensor], arch: ModelArch):
     if not arch.tie_embeddings:
         out["lm_head.weight"] = t[OUTPUT][:v]
     return out
-
-
-def layer_keys(arch: ModelArch) -> list[str]:
-    keys = [QKV, PROJ, INPUT_NORM, MLP_NORM, FC1, FC2]
-    return keys + ([QKV_BIAS] if arch.qkv_bias else [])
-
-
-def layer_shapes(arch: ModelArch) -> dict[str, tuple]:
-    """Global shape of every per-layer canonical tensor of ``arch``."""
-    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
-    qkv = arch.num_query_groups * (arch.heads_per_group + 2) * d
-    shapes = {
-        QKV: (qkv, h),
-        PROJ: (h, arch.num_attention_heads * d),
-        INPUT_NORM: (h,),
-        MLP_NORM: (h,),
-        FC1: (2 * f, h),
-        FC2: (h, f),
-    }
-    if arch.qkv_bias:
-        shapes[QKV_BIAS] = (qkv,)
-    return shapes
-
-
-def global_keys(arch: ModelArch) -> list[str]:
-    return [EMBED, FINAL_NORM] + ([] if arch.tie_embeddings else [OUTPUT])
 
 
 def check_hf_names(names: set[str], arch: ModelArch) -> None:

@@ -26,408 +26,38 @@ reshards on load). Loading goes through :mod:`.safe_load`: no code stored in a c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
-import json
-import math
 import os
-import re
 import shutil
-import time
 import uuid
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from minitron_mcore.errors import MinitronError, require
-from minitron_mcore.models.arch import ModelArch
+# The public names of a checkpoint's layout and parts, importable from here as they always were
+# (tests, benchmarks, examples); the package imports them from their own modules.
+from minitron_mcore.checkpoint.commit import atomic_swap, commit_version, recover_home  # noqa: F401
+from minitron_mcore.checkpoint.layout import (  # noqa: F401
+    META_FILE,
+    TOKENIZER_DIR,
+    VERSION_RE,
+    WEIGHTS_DIR,
+    CheckpointMeta,
+    check_checkpoint_dir,
+    check_save_target,
+    current_version,
+    read_meta,
+    reading_checkpoint,
+    resolve_checkpoint,
+    tokenizer_files_of,
+)
+from minitron_mcore.checkpoint.reader import WeightsReader  # noqa: F401
+from minitron_mcore.checkpoint.shards import copy_into_shards, fill_model, shards_by_layer  # noqa: F401
+from minitron_mcore.errors import require
 from minitron_mcore.parallel import fail_together, is_rank0
 from minitron_mcore.utils.faults import fault_point
 from minitron_mcore.utils.log import log0
-
-META_FILE = "minitron.json"
-WEIGHTS_DIR = "weights"
-TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class CheckpointMeta:
-    """Everything next to the weights that makes a checkpoint describe itself."""
-
-    arch: ModelArch
-    dtype: str = "fp32"
-    vocab_multiple: int = 128
-    saved_tp: int = 1
-    saved_pp: int = 1
-    hf_config: Optional[dict] = None
-    hf_generation_config: Optional[dict] = None
-    prune_plan: Optional[dict] = None
-    provenance: list = field(default_factory=list)
-    train_state: Optional[dict] = None
-    checkpoint_id: str = ""
-    """A fresh id for every save: importance scores record it, so pruning can refuse scores
-    computed on a different checkpoint."""
-    format_version: int = FORMAT_VERSION
-    version: str = ""
-    """Set in a checkpoint directory's tracker only: the subdirectory of the current version."""
-
-    def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d["arch"] = self.arch.to_dict()
-        return json.dumps(d, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CheckpointMeta:
-        d = json.loads(text)
-        d["arch"] = ModelArch.from_dict(d["arch"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def with_step(self, stage: str, **info) -> CheckpointMeta:
-        """A copy with one more provenance entry (stage name, time, details)."""
-        entry = {"stage": stage, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        return dataclasses.replace(self, provenance=list(self.provenance) + [entry])
-
-
-def _not_a_checkpoint(path: str) -> MinitronError:
-    hint = (
-        f"it looks like a Hugging Face model: run `minitron import-hf load={path} save=CKPT`"
-        if os.path.isfile(os.path.join(path, "config.json"))
-        else "point load= at a directory written by minitron"
-    )
-    return MinitronError(f"{path} is not a minitron checkpoint (no {META_FILE}); {hint}")
-
-
-def _read_json_meta(path: str) -> CheckpointMeta:
-    try:
-        with open(os.path.join(path, META_FILE)) as f:
-            return CheckpointMeta.from_json(f.read())
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise MinitronError(f"{path}/{META_FILE} is corrupt ({e}); re-create the checkpoint") from e
-
-
-def resolve_checkpoint(path: str) -> str:
-    """The directory that holds the current version's files: ``path/<version>`` for a
-    checkpoint directory with a tracker, ``path`` itself for one version (or an old flat
-    checkpoint)."""
-    require(bool(path), "load= is empty; pass the checkpoint directory, e.g. load=runs/ckpt")
-    require(os.path.isdir(path), f"checkpoint directory {path} does not exist; check load=")
-    if not os.path.isfile(os.path.join(path, META_FILE)):
-        raise _not_a_checkpoint(path)
-    version = _read_json_meta(path).version
-    if not version:
-        return path
-    inner = os.path.join(path, version)
-    require(
-        os.path.isfile(os.path.join(inner, META_FILE)),
-        f"checkpoint {path} names version {version}, which is missing; the directory was "
-        "damaged - restore it or re-create the checkpoint",
-    )
-    return inner
-
-
-def check_checkpoint_dir(path: str) -> str:
-    """Validate ``path`` and return the directory holding its current version's files."""
-    inner = resolve_checkpoint(path)
-    require(
-        os.path.isdir(os.path.join(inner, WEIGHTS_DIR)),
-        f"checkpoint {path} has no {WEIGHTS_DIR}/ directory; it is incomplete, re-create it",
-    )
-    return inner
-
-
-def read_meta(path: str) -> CheckpointMeta:
-    """The current version's sidecar (``version`` cleared: it describes the model)."""
-    return dataclasses.replace(_read_json_meta(check_checkpoint_dir(path)), version="")
-
-
-def check_save_target(path: str, overwrite: bool) -> None:
-    """Refuse, before any work is done, to replace an existing output without overwrite=true."""
-    require(bool(path), "save= is empty; pass an output directory, e.g. save=runs/ckpt")
-    require(
-        overwrite or not os.path.exists(path),
-        f"save={path} already exists; choose a new directory or pass overwrite=true",
-    )
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # the first existing ancestor is where mkdir starts
-        parent = os.path.dirname(parent)
-    require(
-        os.access(parent, os.W_OK),
-        f"save={path}: {parent} is not writable (read-only or immutable); choose a writable "
-        "directory for save=",
-    )
-
-
-# ---------------------------------------------------------------------------- sharded tensors
-
-
-def _sharded_tensors(model):
-    """This rank's ShardedTensors for ``model``, with factories applied, so each tensor's
-    ``data`` is a view of (part of) a parameter."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sd = model.sharded_state_dict()
-    apply_factories(sd)
-    # An explicit stack, not a recursive closure: the closure's self-reference forms a cycle
-    # that kept every ShardedTensor (and the parameter views they hold) alive until the next
-    # cyclic GC - prune could not free source layers (benchmarks/README.md, bench_prune).
-    out, stack = [], [sd]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, ShardedTensor):
-            out.append(x)
-        elif isinstance(x, dict):
-            stack.extend(reversed(list(x.values())))
-        elif isinstance(x, (list, tuple)):
-            stack.extend(reversed(x))
-    return out
-
-
-def _local_slice(sh, global_tensor: torch.Tensor) -> torch.Tensor:
-    """The part of a (per-layer) global tensor that ShardedTensor ``sh`` holds."""
-    offsets = sh.global_offset[sh.prepend_axis_num :]
-    idx = tuple(slice(o, o + n) for o, n in zip(offsets, sh.local_shape))
-    return global_tensor[idx]
-
-
-def layer_of(sh) -> Optional[int]:
-    """Global layer index of a per-layer ShardedTensor, ``None`` for embeddings etc."""
-    return sh.global_offset[0] if sh.prepend_axis_num == 1 else None
-
-
-LayerFn = Callable[[int], dict[str, torch.Tensor]]
-
-
-def shards_by_layer(model) -> dict[Optional[int], list]:
-    """This rank's ShardedTensors grouped by global layer (``None``: embeddings, final norm,
-    output layer)."""
-    by_layer: dict[Optional[int], list] = {}
-    for sh in _sharded_tensors(model):
-        by_layer.setdefault(layer_of(sh), []).append(sh)
-    return by_layer
-
-
-@torch.no_grad()
-def copy_into_shards(shards: list, canon: dict[str, torch.Tensor]) -> None:
-    """Copy global (per-layer) tensors into the local parameter slices described by ``shards``."""
-    for sh in shards:
-        require(sh.key in canon, f"no source tensor for {sh.key}")
-        src = _local_slice(sh, canon[sh.key])
-        require(
-            tuple(src.shape) == tuple(sh.data.shape),
-            f"shape mismatch for {sh.key}: source {tuple(src.shape)} vs model "
-            f"{tuple(sh.data.shape)}",
-        )
-        sh.data.copy_(src)
-
-
-def fill_model(
-    model,
-    layer_fn: LayerFn,
-    global_fn: Callable[[], dict[str, torch.Tensor]],
-    desc: str = "loading",
-):
-    """Copy canonical global tensors into this rank's shards of ``model``.
-
-    ``layer_fn(i)`` returns layer ``i``'s canonical tensors, ``global_fn()`` the others.  Layers are
-    converted one at a time, so memory stays near the local model plus one global layer.
-    """
-    from minitron_mcore.utils.log import progress
-
-    by_layer = shards_by_layer(model)
-    order = sorted(by_layer, key=lambda x: -1 if x is None else x)
-    for layer in progress(order, desc=desc, unit="layer"):
-        copy_into_shards(by_layer[layer], global_fn() if layer is None else layer_fn(layer))
-
-
-# ---------------------------------------------------------------------------- save / load
-
-
-@contextlib.contextmanager
-def reading_checkpoint(path: str):
-    """Turn the many exception types a damaged checkpoint raises into one clear error.
-    (torch DCP's CheckpointException derives from BaseException, hence the wide net.)"""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit, MinitronError):
-        raise
-    except BaseException as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise MinitronError(
-            f"cannot read checkpoint weights in {path} ({type(e).__name__}: {msg}); "
-            "the checkpoint is corrupt or incomplete, re-create it"
-        ) from e
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or filesystem cannot (then the caller falls back to two renames)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    ok = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-    return ok
-
-
-def atomic_swap(tmp: str, path: str) -> None:
-    """Put the complete directory ``tmp`` at ``path``, replacing what is there.
-
-    With an existing ``path`` the two are exchanged in one atomic step where the filesystem
-    supports it (Linux local filesystems), so ``path`` is never missing; elsewhere the old
-    directory is renamed to ``path.old-<time>`` first and removed after."""
-    if not os.path.exists(path):
-        os.rename(tmp, path)
-        return
-    if _exchange(tmp, path):
-        fault_point("swap:exchanged")
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
-        return
-    old = f"{path}.old-{int(time.time())}"
-    os.rename(path, old)
-    fault_point("swap:old-moved")
-    os.rename(tmp, path)
-    fault_point("swap:new-in-place")
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def tokenizer_files_of(ckpt: str) -> list[str]:
-    """The tokenizer files stored in checkpoint ``ckpt`` (to carry them into a new one)."""
-    d = os.path.join(resolve_checkpoint(ckpt), TOKENIZER_DIR)
-    return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
-
-
-_VERSION_RE = re.compile(r"^(iter_(\d{7,})|release-[0-9a-f]{8})$")
-
-
-def _write_json(path: str, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a mix."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    fault_point("tracker:written")
-    os.replace(tmp, path)
-    fault_point("tracker:replaced")
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def current_version(home: str) -> Optional[str]:
-    """The version a checkpoint directory's tracker names (None: none or a flat checkpoint)."""
-    if not os.path.isfile(os.path.join(home, META_FILE)):
-        return None
-    return _read_json_meta(home).version or None
-
-
-def _complete_home(home: str) -> bool:
-    """A checkpoint directory whose tracker names a version that is fully present."""
-    version = current_version(home) if os.path.isdir(home) else None
-    return bool(version) and os.path.isfile(os.path.join(home, version, META_FILE))
-
-
-def _newest_training_version(d: str) -> Optional[tuple[int, str]]:
-    """(step, name) of the newest complete ``iter_N`` version inside ``d``, or None."""
-    found = []
-    for x in os.listdir(d):
-        m = _VERSION_RE.match(x)
-        if m and m.group(2) and os.path.isfile(os.path.join(d, x, META_FILE)):
-            found.append((int(m.group(2)), x))
-    return max(found) if found else None
-
-
-def _make_current(d: str, version: str) -> None:
-    meta = dataclasses.replace(_read_json_meta(os.path.join(d, version)), version=version)
-    _write_json(os.path.join(d, META_FILE), meta.to_json())
-
-
-def recover_home(home: str) -> None:
-    """Finish what a save that was killed had completed (writer start-up, and a re-run that
-    finds its run finished).
-
-    * ``home`` missing and ``home.partial`` holding a complete version (killed while building a
-      new checkpoint directory beside its target, after the version was in it): name the newest
-      training version if the staged tracker was not written yet, and rename it into place;
-    * the tracker behind the newest complete training version (killed between renaming a
-      version into place and replacing the tracker): name that version."""
-    staged = home + ".partial"
-    if not os.path.exists(home) and os.path.isdir(staged):
-        newest = _newest_training_version(staged)
-        if newest and not _complete_home(staged):
-            _make_current(staged, newest[1])
-        if _complete_home(staged):
-            os.rename(staged, home)
-            log0("recovered %s from an interrupted save", home)
-    if not os.path.isdir(home):
-        return
-    cur = current_version(home)
-    if cur is None:
-        return  # not a checkpoint directory, or an old flat checkpoint: nothing to recover
-    newest = _newest_training_version(home)
-    m = _VERSION_RE.match(cur)
-    cur_it = int(m.group(2)) if m and m.group(2) else -1
-    if newest and newest[0] > cur_it:
-        _make_current(home, newest[1])
-        log0("recovered %s: its newest complete version %s is now current", home, newest[1])
-
-
-def _collect_garbage(home: str, keep: int) -> None:
-    """Delete versions beyond the ``keep`` newest training versions (the current one is always
-    kept), other versions that are not current, and partial writes."""
-    cur = current_version(home)
-    entries = sorted(os.listdir(home))
-    iters = sorted(
-        ((int(m.group(2)), d) for d in entries if (m := _VERSION_RE.match(d)) and m.group(2)),
-        reverse=True,
-    )
-    cur_it = next((it for it, d in iters if d == cur), None)
-    kept = {cur}
-    if cur_it is not None:
-        kept |= set([d for it, d in iters if it < cur_it][: max(keep - 1, 0)])
-    for d in entries:
-        if (_VERSION_RE.match(d) and d not in kept) or d.endswith(".partial"):
-            shutil.rmtree(os.path.join(home, d), ignore_errors=True)
-            fault_point("gc:removed")
-
-
-def _commit_version(tmp: str, home: str, tag: str, meta: CheckpointMeta, keep: int) -> None:
-    """Rank 0, after every rank's files are in ``tmp``: make ``tmp`` version ``tag`` of
-    ``home`` and the current one. Each step leaves a loadable checkpoint behind."""
-    tracker = dataclasses.replace(meta, version=tag).to_json()
-    if current_version(home) is None:
-        # A new checkpoint directory (or a non-checkpoint one being overwritten): build it
-        # whole beside the target and put it in place in one step.
-        staged = home.rstrip("/") + ".partial"
-        shutil.rmtree(staged, ignore_errors=True)
-        os.makedirs(staged)
-        os.rename(tmp, os.path.join(staged, tag))
-        _write_json(os.path.join(staged, META_FILE), tracker)
-        fault_point("save:staged")
-        atomic_swap(staged, home)
-        fault_point("save:home-in-place")
-        return
-    dest = os.path.join(home, tag)
-    if os.path.exists(dest):  # left by a save that died before its tracker update
-        shutil.rmtree(dest)
-        fault_point("save:stale-removed")
-    os.rename(tmp, dest)
-    fault_point("save:version-in-place")
-    _write_json(os.path.join(home, META_FILE), tracker)
-    _collect_garbage(home, keep)
 
 
 def _in_process_write_results() -> None:
@@ -473,7 +103,7 @@ def save_checkpoint(
         version="",
     )
     tag = tag or f"release-{meta.checkpoint_id[:8]}"
-    require(_VERSION_RE.match(tag) is not None, f"bad checkpoint version name {tag!r}")
+    require(VERSION_RE.match(tag) is not None, f"bad checkpoint version name {tag!r}")
     home = path.rstrip("/")
 
     # Rank 0's file operations go through fail_together: should one fail (a full disk), every
@@ -507,7 +137,7 @@ def save_checkpoint(
         for f in tokenizer_files:
             shutil.copy2(f, os.path.join(tmp, TOKENIZER_DIR))
         fault_point("save:sidecar-written")
-        _commit_version(tmp, home, tag, meta, keep)
+        commit_version(tmp, home, tag, meta, keep)
         log0("saved checkpoint %s (%s)", home, tag)
 
     fail_together(make_tmp, rank0_only=True)
@@ -602,102 +232,3 @@ def load_model(path: str, dtype: Optional[torch.dtype] = None, use_te=None, **co
     model = build_model_for_stage(meta.arch, dtype, use_te=use_te, **config_kw)
     load_weights(model, path)
     return model, meta
-
-
-class _RegionPlanner:
-    """A torch DCP load planner that reads given regions of global tensors into given buffers.
-
-    Written here because neither Megatron's ``dist_checkpointing.load`` nor DCP's default planner
-    can read part of a global tensor: both go through torch ``ShardedTensor`` metadata, which
-    must cover the whole tensor. DCP's public planner interface does the rest (which chunks of
-    which files overlap the region, the reads, the copies)."""
-
-    def __init__(self, regions: dict[str, tuple[torch.Tensor, tuple]]):
-        self.regions = regions  # key -> (buffer, global offsets of the buffer)
-        self.metadata = None
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        self.metadata = metadata
-
-    def create_local_plan(self):
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        items = []
-        for key, (buf, offsets) in self.regions.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
-            md = self.metadata.state_dict_metadata[key]
-            reads = create_read_items_for_chunk_list(key, md, [chunk])
-            covered = sum(math.prod(r.lengths) for r in reads)
-            require(
-                covered == buf.numel(),
-                f"the checkpoint's saved pieces of {key} cover {covered} of the {buf.numel()} "
-                "values requested; it is incomplete, re-create it",
-            )
-            items += reads
-        return LoadPlan(items)
-
-    def create_global_plan(self, plans):
-        return plans
-
-    def finish_plan(self, plan):
-        return plan
-
-    def load_bytes(self, read_item, value) -> None:
-        raise AssertionError("only tensors are planned")
-
-    def resolve_tensor(self, read_item) -> torch.Tensor:
-        buf = self.regions[read_item.dest_index.fqn][0]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            buf = buf.narrow(dim, start, length)
-        return buf
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass  # the storage reader copied into the view resolve_tensor returned
-
-
-class WeightsReader:
-    """Reads whole global tensors, or one layer of the stacked per-layer tensors, straight from
-    a checkpoint's files: no model, no process group, any process, any saved TP/PP.
-
-    ``read(keys, layer=i)`` holds one layer of those keys in memory, which is what lets
-    ``prune`` and ``export-hf`` stay near one model (or one layer) of memory."""
-
-    def __init__(self, path: str):
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from minitron_mcore.checkpoint.safe_load import SafeFileSystemReader
-
-        self.path, self.dir = path, os.path.join(check_checkpoint_dir(path), WEIGHTS_DIR)
-        with reading_checkpoint(self.dir):
-            self._storage = SafeFileSystemReader(self.dir)
-            md = self._storage.read_metadata()
-        self._md = {
-            k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
-        }
-        self.shapes = {k: tuple(v.size) for k, v in self._md.items()}
-
-    def read(self, keys, layer: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """``{key: tensor}``; with ``layer``, per-layer keys give that layer's slice."""
-        from torch.distributed.checkpoint import load
-
-        regions = {}
-        for key in keys:
-            require(
-                key in self._md,
-                f"checkpoint {self.path} has no tensor {key}; it is incomplete or not the "
-                "model its minitron.json describes, re-create it",
-            )
-            shape, dtype = self.shapes[key], self._md[key].properties.dtype
-            if layer is None:
-                regions[key] = (torch.empty(shape, dtype=dtype), (0,) * len(shape))
-            else:
-                require(0 <= layer < shape[0], f"{key} has no layer {layer} in {self.path}")
-                buf = torch.empty((1, *shape[1:]), dtype=dtype)
-                regions[key] = (buf, (layer,) + (0,) * (len(shape) - 1))
-        with reading_checkpoint(self.dir), warnings.catch_warnings():
-            # no_dist: every process reads for itself; DCP warns when no group is initialized
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            load({}, storage_reader=self._storage, planner=_RegionPlanner(regions), no_dist=True)
-        return {k: buf if layer is None else buf[0] for k, (buf, _) in regions.items()}

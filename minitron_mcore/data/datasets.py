@@ -6,7 +6,7 @@
 * an indexed-dataset prefix (``data/corpus`` for ``data/corpus.bin/.idx``);
 * a blend ``[0.7, data/a, 0.3, data/b]`` (weights then prefixes);
 * a text or JSONL file, tokenized on first use with the model's tokenizer into ``data.cache_dir``
-  (by global rank 0, while the other ranks wait on the filesystem, see ``_rank0_builds``);
+  (by global rank 0, while the other ranks wait on the filesystem, see ``data/rank0_build.py``);
 * ``demo:stdlib-code`` / ``demo:stdlib-docs`` - the built-in corpora (no download); used only
   when named: there is no default data.
 """
@@ -17,18 +17,16 @@ import hashlib
 import json
 import os
 import struct
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from minitron_mcore.data.rank0_build import rank0_builds
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import MinitronError, require
-from minitron_mcore.utils.log import human_count, log0, log_all
+from minitron_mcore.utils.log import human_count, log0
 
 
 @dataclass
@@ -76,137 +74,9 @@ def require_data(cfg: DataConfig, evaluation: bool = False) -> None:
         require(bool(cfg.train), NO_DATA)
 
 
-def _is_prefix(p: str) -> bool:
+def is_token_prefix(p: str) -> bool:
+    """Whether ``p`` names a tokenized dataset (``p.bin`` and ``p.idx``)."""
     return os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")
-
-
-# Waiting for rank 0 without a collective (see _rank0_builds). Module constants so that tests
-# can shorten them.
-_POLL_SECONDS = 2.0
-"""How often the waiting ranks read rank 0's status file."""
-_HEARTBEAT_SECONDS = 10.0
-"""How often rank 0 rewrites its status file while it works."""
-_STALL_SECONDS = 600.0
-"""A waiting rank gives up when rank 0's status file has not changed for this long (rank 0
-was killed, or data.cache_dir is not shared between the nodes)."""
-_WAIT_LOG_SECONDS = 120.0
-"""How often a waiting rank logs that it is still waiting."""
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def _run_token() -> str:
-    """A name shared by all ranks and unique to this call (rank 0 draws it): a status file of
-    an earlier run can never be mistaken for this one's."""
-    from minitron_mcore.parallel import comm_device
-
-    value = int.from_bytes(os.urandom(6), "little") if dist.get_rank() == 0 else 0
-    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
-    dist.broadcast(t, src=0)
-    return f"{int(t.item()):012x}"
-
-
-class _Heartbeat:
-    """Rank 0's status file: ``running <beat> <progress>`` rewritten every few seconds by a
-    thread, then ``done`` or ``error <message>``."""
-
-    def __init__(self, path: str):
-        self.path, self.status, self.beat = path, "starting", 0
-        self._stop = threading.Event()
-        self._write()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _write(self) -> None:
-        self.beat += 1
-        try:
-            _write_atomic(self.path, f"running {self.beat} {self.status}")
-        except OSError:
-            pass  # a full or flaky disk must not kill the work; the waiters see a stall
-
-    def _loop(self) -> None:
-        while not self._stop.wait(_HEARTBEAT_SECONDS):
-            self._write()
-
-    def finish(self, final: str) -> None:
-        self._stop.set()
-        self._thread.join()
-        _write_atomic(self.path, final)
-
-
-def _wait_for_rank0(path: str, what: str) -> None:
-    """Poll rank 0's status file until it says done; raise if it failed or went silent."""
-    start = last_change = last_log = time.monotonic()
-    seen = None
-    talk = dist.get_rank() == 1 or os.environ.get("LOCAL_RANK") == "0"  # one line per node
-    while True:
-        status = _read(path)
-        if status == "done":
-            return
-        if status is not None and status.startswith("error"):
-            raise MinitronError(f"rank 0 failed while preparing {what}: {status[6:]}")
-        now = time.monotonic()
-        if status != seen:
-            seen, last_change = status, now
-        if now - last_change > _STALL_SECONDS:
-            raise MinitronError(
-                f"rank 0 stopped reporting progress on {what} (no change to {path} for "
-                f"{_STALL_SECONDS:.0f} s): it died, or data.cache_dir is not on a filesystem "
-                "every node sees; fix that and re-run"
-            )
-        if talk and now - last_log >= _WAIT_LOG_SECONDS:
-            done = seen.split(" ", 2)[2] if seen and seen.startswith("running") else "not started"
-            log_all("waiting %.0f s for rank 0 to prepare %s (%s)", now - start, what, done)
-            last_log = now
-        time.sleep(_POLL_SECONDS)
-
-
-def _rank0_builds(what: str, build: Callable[[Callable[[str], None]], None], sync_dir: str):
-    """Run ``build(report)`` on global rank 0 while the other ranks wait for it to finish.
-
-    Tokenizing a multi-GB file takes longer than the process group's collective timeout
-    (``parallel.timeout_minutes``), so the waiting ranks must not sit in ``dist.barrier``:
-    they poll a status file in ``sync_dir`` (on a filesystem every node sees) that rank 0
-    keeps rewriting (``report(text)`` sets the progress shown to them), until it reads ``done``
-    - then one barrier, which everyone reaches within a poll interval. If ``build`` raises,
-    rank 0 writes the error and the waiters raise it too; if rank 0 dies without a word, its
-    status stops changing and the waiters give up after ``_STALL_SECONDS``.
-    """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        build(lambda text: None)
-        return
-    from minitron_mcore.parallel import barrier
-
-    status_dir = os.path.join(sync_dir, ".sync")
-    path = os.path.join(status_dir, _run_token() + ".status")
-    if dist.get_rank() == 0:
-        os.makedirs(status_dir, exist_ok=True)
-        beat = _Heartbeat(path)
-        try:
-            build(lambda text: setattr(beat, "status", text))
-        except BaseException as e:
-            msg = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-            beat.finish(f"error {msg}")
-            raise
-        beat.finish("done")
-    else:
-        _wait_for_rank0(path, what)
-    barrier()
-    if dist.get_rank() == 0:
-        os.remove(path)  # everyone has read it
 
 
 def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
@@ -217,7 +87,7 @@ def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
     if source.startswith("demo:"):
         name, demo_dir = source[5:], os.path.join(cfg.cache_dir, "demo")
         check_demo_name(name)  # on every rank, before any waiting
-        _rank0_builds(source, lambda report: write_demo(name, demo_dir), cfg.cache_dir)
+        rank0_builds(source, lambda report: write_demo(name, demo_dir), cfg.cache_dir)
         source = write_demo(name, demo_dir)  # the file exists now: just its path
     stat = os.stat(source)
     key = hashlib.sha256(
@@ -230,7 +100,7 @@ def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
     def build(report: Callable[[str], None]) -> None:
         # Rank 0 alone decides and writes; every rank takes part in _rank0_builds (a rank that
         # saw the finished files early and returned would leave the others waiting forever).
-        if _is_prefix(prefix):
+        if is_token_prefix(prefix):
             return
         log0("tokenizing %s -> %s (the other ranks wait for it)", source, prefix)
         docs = preprocess.iter_documents([source], cfg.json_key, cfg.text_mode)
@@ -242,7 +112,7 @@ def _cached_prefix(source: str, tok: Tokenizer, cfg: DataConfig) -> str:
             on_progress=lambda n, t: report(f"{n} documents, {human_count(t)} tokens"),
         )
 
-    _rank0_builds(f"the tokenized {source}", build, cfg.cache_dir)
+    rank0_builds(f"the tokenized {source}", build, cfg.cache_dir)
     return prefix
 
 
@@ -275,7 +145,7 @@ def resolve_blend(entries: list, tok: Tokenizer, cfg: DataConfig):
         weights, paths = None, [str(p) for p in entries]
     prefixes = []
     for p in paths:
-        if _is_prefix(p):
+        if is_token_prefix(p):
             _check_prefix_tokenizer(p, tok)
             prefixes.append(p)
         elif p.startswith("demo:") or os.path.isfile(p):
@@ -328,6 +198,21 @@ def _check_size(prefixes: list[str], seq_length: int) -> None:
         )
 
 
+def _gpt_config_keys(seed: int, seq_length: int, tok: Tokenizer, cfg: DataConfig) -> dict:
+    """The ``GPTDatasetConfig`` keys training and evaluation share: plain causal-LM samples
+    (no position resets, no EOD masking), Megatron's index cache in ``data.cache_dir``."""
+    return dict(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=os.path.join(cfg.cache_dir, "index-cache"),
+    )
+
+
 def build_datasets(
     cfg: DataConfig,
     tok: Tokenizer,
@@ -346,17 +231,7 @@ def build_datasets(
     train = resolve_blend(cfg.train, tok, cfg)
     valid = resolve_blend(cfg.valid, tok, cfg)
     _check_size(train[0] + (valid[0] if valid else []), seq_length)
-    common = dict(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=tok,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=os.path.join(cfg.cache_dir, "index-cache"),
-        mid_level_dataset_surplus=0.005,
-    )
+    common = dict(_gpt_config_keys(seed, seq_length, tok, cfg), mid_level_dataset_surplus=0.005)
     if valid is None:
         config = GPTDatasetConfig(blend=train, split=cfg.split, **common)
     else:
@@ -402,17 +277,7 @@ def build_eval_dataset(
         where = dict(blend=blend, split=cfg.split)
     else:
         where = dict(blend_per_split=[None, blend, None])
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=tok,
-        **where,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=os.path.join(cfg.cache_dir, "index-cache"),
-    )
+    config = GPTDatasetConfig(**_gpt_config_keys(seed, seq_length, tok, cfg), **where)
     _, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [None, samples, None], lambda: True, config
     ).build()

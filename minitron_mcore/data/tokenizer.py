@@ -13,7 +13,35 @@ import os
 
 import numpy as np
 
-from minitron_mcore.errors import MinitronError, require
+from minitron_mcore.errors import MinitronError, first_line, require
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_files(src_dir: str) -> list[str]:
+    return [
+        os.path.join(src_dir, f)
+        for f in TOKENIZER_FILES
+        if os.path.isfile(os.path.join(src_dir, f))
+    ]
+
+
+def check_tokenizer_vocab(tokenizer, vocab_size: int) -> None:
+    require(
+        tokenizer.vocab_size <= vocab_size,
+        f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+        f"{vocab_size}; they do not belong together - use the model's tokenizer",
+    )
 
 
 class Tokenizer:
@@ -50,9 +78,8 @@ class Tokenizer:
             try:
                 self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
             except Exception as e:
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise MinitronError(
-                    f"cannot load a tokenizer from {path} ({type(e).__name__}: {first}); "
+                    f"cannot load a tokenizer from {path} ({type(e).__name__}: {first_line(e)}); "
                     "pass a directory with tokenizer.json or a SentencePiece .model file"
                 ) from e
             self._eod = self._hf.eos_token_id
@@ -118,6 +145,4 @@ class Tokenizer:
         """The files that make up this tokenizer (to store next to a checkpoint)."""
         if self._sp is not None:
             return [self.path]
-        from minitron_mcore.checkpoint.hf_io import tokenizer_files
-
         return tokenizer_files(self.path)

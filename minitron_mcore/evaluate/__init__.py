@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset, require_data
-from minitron_mcore.data.preprocess import resolve_tokenizer_path
-from minitron_mcore.data.tokenizer import Tokenizer
+from minitron_mcore.data.tokenizer import Tokenizer, check_tokenizer_vocab
 from minitron_mcore.errors import require
+from minitron_mcore.models.build import train_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context
-from minitron_mcore.stages.common import check_tokenizer_vocab, train_dtype
 from minitron_mcore.train.loop import evaluate as eval_loss
 from minitron_mcore.train.step import lm_forward_step
 from minitron_mcore.utils.log import emit_metrics, log0, progress

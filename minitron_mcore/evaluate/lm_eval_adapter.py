@@ -178,10 +178,10 @@ class MinitronLM(TemplateLM):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
         from minitron_mcore.checkpoint.megatron import load_model, read_meta
-        from minitron_mcore.data.preprocess import resolve_tokenizer_path
+        from minitron_mcore.models.build import train_dtype
         from minitron_mcore.parallel import ParallelConfig, init_parallel, shutdown
-        from minitron_mcore.stages.common import train_dtype
 
         meta = read_meta(load)
         meta.arch.check_parallel(tp, pp)

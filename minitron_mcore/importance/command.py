@@ -22,20 +22,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
+from minitron_mcore.checkpoint.rerun import already_done, fingerprint
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_eval_dataset, require_data
-from minitron_mcore.data.preprocess import resolve_tokenizer_path
-from minitron_mcore.data.tokenizer import Tokenizer
+from minitron_mcore.data.tokenizer import Tokenizer, check_tokenizer_vocab
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.importance.aggregate import BATCH_AGGS, SEQ_AGGS, all_scores
 from minitron_mcore.importance.hooks import ActivationCollector, LayerInputCache, skip_layers
 from minitron_mcore.importance.scores import Scores, scores_fingerprint
 from minitron_mcore.parallel import ParallelConfig, fail_together, parallel_context
-from minitron_mcore.stages.common import check_tokenizer_vocab
 from minitron_mcore.train.loop import evaluate
 from minitron_mcore.train.step import lm_forward_step
 from minitron_mcore.utils.log import emit_metrics, log0, progress
-from minitron_mcore.utils.rerun import already_done, fingerprint
 
 
 @dataclass

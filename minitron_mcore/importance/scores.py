@@ -89,6 +89,6 @@ class Scores:
 
 
 def scores_fingerprint(path: str) -> str | None:
-    """The fingerprint of the command that wrote the scores in ``path`` (see utils/rerun.py)."""
+    """The fingerprint of the command that wrote the scores in ``path`` (checkpoint/rerun.py)."""
     with open(os.path.join(path, INFO)) as f:
         return json.load(f).get("fingerprint")

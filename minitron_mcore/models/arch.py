@@ -142,7 +142,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
 def preset_names() -> list[str]:
     import os
 
-    from minitron_mcore.cli import conf_dir
+    from minitron_mcore.utils.config import conf_dir
 
     return sorted(
         f[:-5] for f in os.listdir(os.path.join(conf_dir(), "model")) if f.endswith(".yaml")
@@ -155,7 +155,7 @@ def load_preset(name: str) -> ModelArch:
 
     from omegaconf import OmegaConf
 
-    from minitron_mcore.cli import conf_dir
+    from minitron_mcore.utils.config import conf_dir
 
     path = os.path.join(conf_dir(), "model", f"{name}.yaml")
     require(os.path.isfile(path), f"model={name!r} is not a preset; choose one of {preset_names()}")

@@ -14,16 +14,31 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from minitron_mcore.errors import require
 from minitron_mcore.models.arch import ModelArch, padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    from minitron_mcore.errors import require
-
     require(name in DTYPES, f"dtype={name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def train_dtype(precision: str) -> torch.dtype:
+    """``train.precision``: auto = bf16 on a GPU that supports it, fp32 otherwise."""
+    require(
+        precision in ("auto", "fp32", "bf16"),
+        f"train.precision={precision!r}: use auto, fp32 or bf16",
+    )
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return resolve_dtype(precision)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def have_transformer_engine() -> bool:

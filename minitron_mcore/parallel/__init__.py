@@ -1,16 +1,12 @@
-"""Distributed start-up (torchrun / SLURM / single process), model-parallel groups, seeding."""
+"""Distributed start-up (torchrun / SLURM / single process), model-parallel groups made once per
+layout, seeding, and the device every model and collective uses. The launcher's environment is
+:mod:`.launch_env`'s, the ranks' agreement on failures and decisions :mod:`.agreement`'s."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
-import re
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,7 +15,27 @@ import torch
 import torch.distributed as dist
 
 from minitron_mcore import compat
-from minitron_mcore.errors import MinitronError, require, storage_error
+from minitron_mcore.errors import MinitronError, require
+
+# The package's public names, importable from ``minitron_mcore.parallel`` as before.
+from minitron_mcore.parallel.agreement import (  # noqa: F401
+    barrier,
+    compare_error_with_rank0,
+    fail_together,
+    is_rank0,
+    rank0_decides,
+    should_print_error,
+)
+from minitron_mcore.parallel.launch_env import (  # noqa: F401
+    expand_hostlist,
+    free_port,
+    in_slurm_step,
+    launcher_ranks,
+    slurm_hostnames,
+    slurm_master_port,
+    slurm_step_tasks,
+    slurm_to_torch_env,
+)
 
 
 @dataclass
@@ -37,149 +53,6 @@ class ParallelConfig:
     sequence_parallel: str = "auto"
     """Split norms, dropout and residuals of trained models over the TP ranks along the
     sequence: auto (on GPUs when tp > 1), true, false (``train/fast_paths.py``)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ------------------------------------------------------------------------------- SLURM
-#
-# `srun` starts every task of a *job step* itself, so minitron can run without torchrun: the
-# SLURM variables are translated to torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-# MASTER_PORT).  Only a task of a regular job step counts as a rank.  SLURM_PROCID alone is not
-# enough: the batch script itself runs as process 0 of the batch step (SLURM_PROCID=0 and
-# SLURM_NTASKS=<the job's task count>), and an `salloc` shell exports SLURM_NTASKS (with
-# LaunchParameters=use_interactive_step also SLURM_PROCID=0) - a plain `minitron ...` typed there
-# is one process.  srun sets SLURM_STEP_ID to the step's number (0, 1, ...); the batch, extern
-# and interactive steps have reserved ids >= 0xFFFFFFF0 (SLURM_MAX_NORMAL_STEP_ID), which
-# slurmstepd exports formatted as signed numbers (the batch script sees SLURM_STEP_ID=-5).  So:
-# a rank is a process with SLURM_PROCID and a normal SLURM_STEP_ID (SLURM_STEPID in old
-# releases); the process-count and rank rules below all follow from this one test.
-
-_SLURM_MAX_NORMAL_STEP_ID = 0xFFFFFFF0
-
-
-def _in_slurm_step(environ: Mapping[str, str]) -> bool:
-    """Is this process a task of an ``srun`` job step (not the batch script or an salloc shell)?"""
-    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", ""))
-    return "SLURM_PROCID" in environ and step.isdigit() and int(step) < _SLURM_MAX_NORMAL_STEP_ID
-
-
-def _slurm_step_tasks(environ: Mapping[str, str]) -> str:
-    # SLURM_STEP_NUM_TASKS is the step's own count (srun -n 2 inside a 16-task job; srun
-    # --preserve-env keeps the allocation's SLURM_NTASKS).
-    return environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
-
-
-def slurm_master_port(job_id: str) -> int:
-    """Rendezvous port of a SLURM job: 10000 + job id mod 20000, so two jobs sharing a node use
-    different ports (unless their ids differ by a multiple of 20000), and the range 10000-29999
-    stays below Linux's ephemeral ports (32768+) that outgoing connections take.
-    ``launch/slurm.sbatch`` and ``launch/torchrun.sh`` compute the same number."""
-    return 10000 + int(job_id) % 20000 if job_id.isdigit() else 29500
-
-
-def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list (``gpu-a[01-02],gpu-b07``, ``node[1,3,5-7]``,
-    ``rack1-node[08-10]-ib``, ``r[1-2]-n[1-2]``) into host names, in SLURM's order.  Used when
-    ``scontrol`` is not installed."""
-    hosts: list[str] = []
-    for item in _split_hostlist(nodelist):
-        hosts += _expand_host(item, nodelist)
-    require(bool(hosts), f"SLURM node list {nodelist!r} is empty; set MASTER_ADDR")
-    return hosts
-
-
-def _split_hostlist(nodelist: str) -> list[str]:
-    """Split at the commas outside brackets."""
-    items, depth, current = [], 0, ""
-    for ch in nodelist:
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        require(0 <= depth <= 1, f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR")
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    require(depth == 0, f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR")
-    return [i.strip() for i in items + [current] if i.strip()]
-
-
-def _expand_host(item: str, nodelist: str) -> list[str]:
-    """``prefix[ranges]rest`` -> names; ``rest`` may hold further bracket groups."""
-    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
-    if m is None:
-        require(
-            "[" not in item and "]" not in item,
-            f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR",
-        )
-        return [item]
-    prefix, ranges, rest = m.groups()
-    tails = _expand_host(rest, nodelist)
-    names = []
-    for part in ranges.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        require(
-            lo.isdigit() and (not dash or (hi.isdigit() and int(hi) >= int(lo))),
-            f"cannot parse {part!r} in SLURM node list {nodelist!r}; set MASTER_ADDR",
-        )
-        width = len(lo)  # zero padding comes from the lower bound: [08-10] -> 08 09 10
-        for n in range(int(lo), int(hi if dash else lo) + 1):
-            names += [f"{prefix}{n:0{width}d}{tail}" for tail in tails]
-    return names
-
-
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """Host names of a node list: ``scontrol show hostnames`` when installed (SLURM's own
-    parser), :func:`expand_hostlist` otherwise or if scontrol fails."""
-    if shutil.which("scontrol"):
-        try:
-            out = subprocess.run(
-                ["scontrol", "show", "hostnames", nodelist],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout.split()
-            if out:
-                return out
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return expand_hostlist(nodelist)
-
-
-def slurm_to_torch_env(
-    environ: Mapping[str, str], hostnames_fn: Callable[[str], list[str]] | None = None
-) -> dict[str, str]:
-    """torchrun's variables for a task started by ``srun`` without torchrun; ``{}`` (change
-    nothing) when torchrun already set RANK or this process is not a task of a job step.
-
-    MASTER_ADDR / MASTER_PORT are kept when exported (``launch/slurm.sbatch`` does); otherwise
-    the first host of the step's node list (via ``hostnames_fn``, default
-    :func:`slurm_hostnames`) and :func:`slurm_master_port` of the job id.  Pure: reads
-    ``environ``, writes nothing.
-    """
-    if "RANK" in environ or not _in_slurm_step(environ):
-        return {}
-    addr = environ.get("MASTER_ADDR")
-    if not addr:
-        nodelist = (
-            environ.get("SLURM_STEP_NODELIST")
-            or environ.get("SLURM_JOB_NODELIST")
-            or environ.get("SLURM_NODELIST")
-        )
-        addr = (hostnames_fn or slurm_hostnames)(nodelist)[0] if nodelist else "127.0.0.1"
-    job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or ""
-    return {
-        "RANK": environ["SLURM_PROCID"],
-        "WORLD_SIZE": _slurm_step_tasks(environ),
-        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": addr,
-        "MASTER_PORT": environ.get("MASTER_PORT") or str(slurm_master_port(job_id)),
-    }
 
 
 def init_process_group(parallel: ParallelConfig) -> None:
@@ -201,7 +74,7 @@ def init_process_group(parallel: ParallelConfig) -> None:
     if "RANK" not in os.environ:
         # A plain `minitron ...` run: a one-process group on a free local port.  The environment
         # is left alone so that child processes do not mistake themselves for torchrun ranks.
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
         return
     if torch.cuda.is_available():
@@ -218,7 +91,7 @@ def world_size() -> int:
         return dist.get_world_size()
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    return int(_slurm_step_tasks(os.environ)) if _in_slurm_step(os.environ) else 1
+    return int(slurm_step_tasks(os.environ)) if in_slurm_step(os.environ) else 1
 
 
 def set_seed(seed: int) -> None:
@@ -316,28 +189,11 @@ def process_group(parallel: ParallelConfig | None):
         yield
     except MinitronError as e:
         if owner:
-            _compare_error_with_rank0(e)
+            compare_error_with_rank0(e)
         raise
     finally:
         if owner:
             shutdown()
-
-
-def rank0_decides(fn: Callable[[], object]):
-    """``fn()`` run on rank 0 alone and its result given to every rank (its error raised on
-    every rank, as :func:`fail_together` does). For the decisions a command reads from the
-    file system at start-up (what to resume from, whether the output is already complete):
-    ranks that list a directory each on their own can see it at different moments."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    box: list = [None]
-
-    def run():
-        box[0] = fn()
-
-    fail_together(run, rank0_only=True)
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @contextlib.contextmanager
@@ -349,65 +205,6 @@ def parallel_context(parallel: ParallelConfig, seed: int = 1234):
     with process_group(parallel):
         init_parallel(parallel, seed)
         yield
-
-
-# ------------------------------------------------------------------- one message per error
-#
-# Under torchrun / srun every rank runs the CLI, and an input error is usually raised by all of
-# them alike; the CLI prints it once (should_print_error).  The rule never hides the only copy
-# of a message:
-# * rank 0 always prints;
-# * an error raised inside parallel_context (the ranks may have diverged: pipeline stages, data
-#   shards): before the group is torn down, rank 0 posts its message in the process group's
-#   key-value store and ranks > 0 wait up to _RANK0_ERROR_WAIT seconds for it.  Same message:
-#   silent.  Different, or none (rank 0 is fine and busy elsewhere), or no store: print it;
-# * an error raised outside it (config, input checks on files, before the process group): all
-#   ranks run the same code on the same argv, so on rank 0's node rank 0 speaks for all; the
-#   first rank of every other node prints too, since its files may differ (a node-local disk).
-#   An identical input error is printed once per node.
-
-_RANK0_ERROR_KEY = "minitron/error/rank0"
-_RANK0_ERROR_WAIT = 5.0
-
-
-def _compare_error_with_rank0(exc: MinitronError) -> None:
-    """Record on ``exc`` whether rank 0 raised the same error (``minitron_rank0_same``)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        if dist.get_rank() == 0:
-            store.set(_RANK0_ERROR_KEY, str(exc))
-            return
-        # Poll with check(): a timed-out store.wait() logs a c10d socket warning on stderr.
-        deadline = time.monotonic() + _RANK0_ERROR_WAIT
-        while not store.check([_RANK0_ERROR_KEY]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        posted = store.check([_RANK0_ERROR_KEY])
-        exc.minitron_rank0_same = posted and store.get(_RANK0_ERROR_KEY).decode() == str(exc)
-    except Exception:  # no answer from rank 0 (or the store): this rank prints its own error
-        exc.minitron_rank0_same = False
-
-
-def launcher_ranks(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """(global rank, local rank) given by torchrun or an srun job step; None for one process."""
-    environ = os.environ if environ is None else environ
-    if "RANK" in environ:
-        return int(environ["RANK"]), int(environ.get("LOCAL_RANK", "0"))
-    if _in_slurm_step(environ):
-        return int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", "0"))
-    return None
-
-
-def should_print_error(exc: BaseException, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether this process prints ``exc`` (see the rule above)."""
-    ranks = launcher_ranks(environ)
-    if ranks is None or ranks[0] == 0:
-        return True
-    rank0_same = getattr(exc, "minitron_rank0_same", None)
-    if rank0_same is not None:
-        return not rank0_same
-    return ranks[1] == 0
 
 
 def device() -> torch.device:
@@ -438,56 +235,3 @@ def to_device(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v) for v in obj)
     return obj
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _failure(e: BaseException) -> tuple[bool, str]:
-    """(a user error?, its one-line text)."""
-    if isinstance(e, MinitronError):
-        return True, str(e)
-    if isinstance(e, OSError):
-        try:
-            return True, str(storage_error(e))
-        except OSError:
-            pass
-    return False, f"{type(e).__name__}: {e}"
-
-
-def fail_together(fn: Callable[[], None], rank0_only: bool = False) -> None:
-    """Run ``fn`` on every rank (``rank0_only``: on rank 0 alone) and agree on the outcome.
-
-    Without this, a rank whose ``fn`` fails (a full disk under rank 0's sidecar, an unwritable
-    file of one rank's training state) raises while the other ranks wait at the next collective
-    until the process-group timeout - 30 minutes of a job doing nothing. Here every rank learns
-    of the failure at once and raises it: a user error (or a full disk, a read-only path) as the
-    same :class:`MinitronError` on every rank, so it is printed once; any other exception keeps
-    its traceback on the rank where it happened. Also a barrier: nobody continues before every
-    rank's ``fn`` is done (with ``rank0_only``: before rank 0's is)."""
-    err = None
-    if not rank0_only or is_rank0():
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
-            err = e
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if err is not None:
-            raise err
-        return
-    outcomes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, None if err is None else _failure(err))
-    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-    if not failed:
-        return
-    if err is not None and not _failure(err)[0]:
-        raise err  # a bug: its traceback, on the rank where it happened
-    rank, (user, text) = failed[0]
-    message = text if user else f"rank {rank} failed ({text}); see its traceback"
-    raise MinitronError(message) from err

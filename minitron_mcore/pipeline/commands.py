@@ -41,9 +41,9 @@ def hydra_value(v) -> str:
 
 def overrides(command: str, config) -> list[str]:
     """``key=value`` for every key of ``config`` that differs from the command's defaults."""
-    from minitron_mcore.cli import compose
+    from minitron_mcore.utils.config import compose_config
 
-    default = flatten(dataclasses.asdict(compose(command, [])))
+    default = flatten(dataclasses.asdict(compose_config(command, type(config), [])))
     mine = flatten(dataclasses.asdict(config))
     return [f"{k}={hydra_value(v)}" for k, v in mine.items() if default.get(k, object()) != v]
 

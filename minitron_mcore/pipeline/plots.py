@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from minitron_mcore.pipeline.markers import read_train_log
+
 
 def _plt():
     import matplotlib
@@ -12,12 +14,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _log(save: str) -> list[dict]:
-    from minitron_mcore.pipeline.report import _read_log
-
-    return _read_log(save)
 
 
 def training_curves(marks: dict, out: str):
@@ -30,7 +26,7 @@ def training_curves(marks: dict, out: str):
     plt = _plt()
     fig, (lm_ax, kd_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, rec in runs:
-        rows = _log(rec["output"])
+        rows = read_train_log(rec["output"])
         if key == "correct":
             lm = [(x["step"], x["train/loss"]) for x in rows if "train/loss" in x]
         else:
@@ -61,7 +57,7 @@ def students_valid(marks: dict, out: str):
     for key, rec in runs:
         train = rec["config"]["train"]
         per_step = train["global_batch_size"] * train["seq_length"]
-        rows = [x for x in _log(rec["output"]) if "valid/lm_loss" in x]
+        rows = [x for x in read_train_log(rec["output"]) if "valid/lm_loss" in x]
         ax.plot(
             [x["step"] * per_step for x in rows],
             [x["valid/lm_loss"] for x in rows],

@@ -11,34 +11,12 @@ and the kept fraction of each width axis.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from minitron_mcore.pipeline.config import PipelineConfig
+from minitron_mcore.pipeline.markers import read_failures, read_markers
 from minitron_mcore.utils.log import human_count
-
-
-def _markers(run_dir: str) -> dict:
-    from minitron_mcore.pipeline.runner import MARKERS
-
-    out = {}
-    d = os.path.join(run_dir, MARKERS)
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(d, name)) as f:
-                rec = json.load(f)
-            if isinstance(rec, dict) and "id" in rec:  # (failed.json is not a step)
-                out[rec["id"]] = rec
-    return out
-
-
-def _read_log(save: str) -> list[dict]:
-    path = os.path.join(save.rstrip("/") + ".logs", "train_log.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _fmt(v, digits=4) -> str:
@@ -104,16 +82,6 @@ def marks_load(marks: dict, name: str) -> str:
     raise KeyError(name)
 
 
-def _failed(run_dir: str) -> dict:
-    from minitron_mcore.pipeline.runner import FAILED
-
-    path = os.path.join(run_dir, FAILED)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def _table(rows: list[dict]) -> list[str]:
     tasks = sorted({t for r in rows for t in r.get("tasks", {})})
     out = [
@@ -139,17 +107,18 @@ def _table(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_report(cfg: PipelineConfig) -> dict:
-    """Write ``report.md`` and ``plots/*.png`` (rank 0); returns the table as metrics."""
+def write_report(cfg: PipelineConfig, steps: list) -> dict:
+    """Write ``report.md`` and ``plots/*.png`` (rank 0); returns the table as metrics.
+    ``steps``: the run's plan, for the commands that reproduce each stage."""
     from minitron_mcore.parallel import fail_together
     from minitron_mcore.pipeline import plots
 
-    marks = _markers(cfg.run_dir)
+    marks = read_markers(cfg.run_dir)
     rows = _models(cfg, marks)
 
     def write():
         figs = plots.make_all(cfg, marks, os.path.join(cfg.run_dir, "plots"))
-        text = _render(cfg, marks, rows, figs)
+        text = _render(cfg, marks, rows, figs, steps)
         tmp = os.path.join(cfg.run_dir, "report.md.tmp")
         with open(tmp, "w") as f:
             f.write(text)
@@ -159,9 +128,8 @@ def write_report(cfg: PipelineConfig) -> dict:
     return {"command": "report", "models": rows}
 
 
-def _render(cfg, marks: dict, rows: list[dict], figs: list[str]) -> str:
+def _render(cfg, marks: dict, rows: list[dict], figs: list[str], steps: list) -> str:
     from minitron_mcore.pipeline.commands import command_line
-    from minitron_mcore.pipeline.plan import plan
 
     lines = [
         "# Minitron pipeline report",
@@ -179,7 +147,7 @@ def _render(cfg, marks: dict, rows: list[dict], figs: list[str]) -> str:
         *_table(rows),
         "",
     ]
-    failed = _failed(cfg.run_dir)
+    failed = read_failures(cfg.run_dir)
     if failed:
         lines += [
             "**Failed student variants** (re-run the same command after fixing the cause):",
@@ -189,7 +157,7 @@ def _render(cfg, marks: dict, rows: list[dict], figs: list[str]) -> str:
     for f in figs:
         lines += [f"![{os.path.basename(f)}](plots/{os.path.basename(f)})", ""]
     lines += ["## Reproduce each stage alone", "", "```bash"]
-    for step in plan(cfg):
+    for step in steps:
         if step.command:
             lines.append(f"# {step.id}")
             lines.append(command_line(step))

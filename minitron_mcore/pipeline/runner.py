@@ -17,58 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 import traceback
 
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.pipeline.config import PipelineConfig
-from minitron_mcore.pipeline.plan import STAGES, Step, plan
+from minitron_mcore.pipeline.markers import (
+    forget,
+    jsonable,
+    read_marker,
+    record_failures,
+    write_marker,
+)
+from minitron_mcore.pipeline.plan import plan
+from minitron_mcore.pipeline.step import STAGES, Step, flat_from
 from minitron_mcore.utils.log import echo_metrics, emit_metrics, human_count, log0
-
-MARKERS = "stages"
-FAILED = "stages/failed.json"
-
-
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    return json.loads(json.dumps(obj, default=str))
-
-
-def marker_path(run_dir: str, step_id: str) -> str:
-    return os.path.join(run_dir, MARKERS, f"{step_id}.json")
-
-
-def read_marker(run_dir: str, step_id: str):
-    path = marker_path(run_dir, step_id)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_marker(run_dir: str, step: Step, metrics: dict, seconds: float) -> None:
-    from minitron_mcore.parallel import fail_together
-
-    path = marker_path(run_dir, step.id)
-    record = {
-        "id": step.id,
-        "command": step.command,
-        "config": _jsonable(step.config),
-        "output": step.output,
-        "metrics": _jsonable(metrics),
-        "seconds": round(seconds, 3),
-    }
-
-    def write():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-
-    fail_together(write, rank0_only=True)  # every rank fails with rank 0, at once
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
@@ -96,42 +59,6 @@ def _rerun_index(steps: list[Step], rerun_from: str) -> int:
     )
 
 
-def _forget(run_dir: str, step: Step) -> None:
-    """Remove a step's marker and the outputs it owns (only inside the run directory)."""
-    from minitron_mcore.parallel import fail_together
-
-    def remove():
-        root = os.path.realpath(run_dir)
-        for path in step.owned:
-            real = os.path.realpath(path)
-            if real.startswith(root + os.sep) and os.path.exists(real):
-                shutil.rmtree(real) if os.path.isdir(real) else os.remove(real)
-        for extra in (step.output.rstrip("/") + ".logs", step.output.rstrip("/") + ".eval"):
-            if os.path.realpath(extra).startswith(root + os.sep) and os.path.isdir(extra):
-                shutil.rmtree(extra)
-        if os.path.exists(marker_path(run_dir, step.id)):
-            os.remove(marker_path(run_dir, step.id))
-
-    fail_together(remove, rank0_only=True)
-
-
-def _record_failures(run_dir: str, failed: dict) -> None:
-    """``stages/failed.json`` for the report (removed once every variant succeeds)."""
-    from minitron_mcore.parallel import fail_together
-
-    path = os.path.join(run_dir, FAILED)
-
-    def write():
-        if failed:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(failed, f, indent=2)
-        elif os.path.exists(path):
-            os.remove(path)
-
-    fail_together(write, rank0_only=True)
-
-
 def _summary(step: Step, m: dict, seconds: float) -> str:
     bits = [f"{step.id:<34}", f"{seconds:7.1f} s"]
     for key in ("valid_lm_loss", "valid_loss", "params_after", "calibration_loss", "tok_per_s"):
@@ -142,15 +69,23 @@ def _summary(step: Step, m: dict, seconds: float) -> str:
     return "  ".join(bits)
 
 
-def check_plan(cfg: PipelineConfig) -> None:
+def teacher_arch(cfg: PipelineConfig):
+    """The teacher's shape before anything runs: its config.json, its checkpoint, or the
+    model the default run pretrains."""
+    from minitron_mcore.checkpoint.convert import model_arch_of
+
+    source = flat_from(cfg.pipeline.from_).get("teacher") or cfg.teacher
+    return model_arch_of(source) if source else cfg.pretrain.model
+
+
+def check_plan(cfg: PipelineConfig, arch) -> None:
     """Fail in seconds, not after hours of correction: every student target and the TP/PP
-    layout must fit the teacher; what the last steps need must be there (lm-eval when tasks
-    are set, a writable run_dir with room for the first training checkpoint)."""
-    from minitron_mcore.pipeline.plan import teacher_arch
-    from minitron_mcore.prune.plan import _check_target
+    layout must fit the teacher (``arch``); what the last steps need must be there (lm-eval
+    when tasks are set, a writable run_dir with room for the first training checkpoint)."""
+    from minitron_mcore.pipeline.steps import prune_config
+    from minitron_mcore.prune.plan import student_shape
     from minitron_mcore.utils import preflight
 
-    arch = teacher_arch(cfg)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     arch.check_parallel(tp, pp)
     preflight.require_lm_eval(cfg.evaluate.lm_eval_tasks, "evaluate.lm_eval_tasks")
@@ -160,10 +95,7 @@ def check_plan(cfg: PipelineConfig) -> None:
         preflight.require_free_disk(cfg.run_dir, need, "the teacher's first checkpoint", "run_dir")
     for v in cfg.students:
         try:
-            dst = _check_target(arch, v.target)
-            if v.drop_layers:
-                dst = dst.replace(num_layers=arch.num_layers - len(set(v.drop_layers)))
-            dst.check_parallel(tp, pp)
+            student_shape(arch, prune_config(v), tp, pp)
         except MinitronError as e:
             raise MinitronError(f"student {v.name!r}: {e}") from e
 
@@ -171,6 +103,7 @@ def check_plan(cfg: PipelineConfig) -> None:
 def dry_run(cfg: PipelineConfig, steps: list[Step]) -> dict:
     """Print every step's command and the token budget; run nothing."""
     from minitron_mcore.pipeline.commands import command_line
+    from minitron_mcore.stages.common import describe_schedule
 
     total = 0
     lines = []
@@ -179,18 +112,7 @@ def dry_run(cfg: PipelineConfig, steps: list[Step]) -> dict:
         tok = f"  # {human_count(s.tokens)} training tokens" if s.tokens else ""
         lines.append(f"[{s.id}]{tok}\n  {cmd}")
         if s.tokens:
-            t = s.config.train
-            lr = "" if t.lr is None else f"{t.lr:g}"
-            if t.lr is None:  # teacher correction: a fraction of the original peak
-                orig = getattr(s.config, "original_lr", None)
-                frac = getattr(s.config, "lr_fraction", 1.0)
-                lr = f"{orig * frac:g}" if orig else f"{frac:g} x the teacher's recorded peak"
-            low = "lr/10" if t.min_lr is None else f"{t.min_lr:g}"
-            lines.append(
-                f"  schedule: peak lr {lr} -> min lr {low}"
-                f", {t.warmup_steps} warmup steps, {t.decay_style}, {t.steps} steps x global "
-                f"batch {t.global_batch_size} x {t.seq_length} tokens"
-            )
+            lines.append(f"  {describe_schedule(s.config)}")
         total += s.tokens
     text = "\n".join(lines)
     print(text)
@@ -205,8 +127,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
     names = [v.name for v in cfg.students]
     require(len(set(names)) == len(names), f"students have duplicate names: {names}")
-    check_plan(cfg)
-    steps = plan(cfg)
+    arch = teacher_arch(cfg)
+    check_plan(cfg, arch)
+    steps = plan(cfg, arch)
     if cfg.pipeline.dry_run:
         return dry_run(cfg, steps)
     rerun_at = _rerun_index(steps, cfg.pipeline.rerun_from)
@@ -218,10 +141,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             if step.variant and step.variant in failed:
                 continue
             if i >= rerun_at and step.stage != "report":
-                _forget(cfg.run_dir, step)
+                forget(cfg.run_dir, step)
             done = read_marker(cfg.run_dir, step.id)
             if done is not None and step.stage != "report":
-                diff = _first_difference(done["config"], _jsonable(step.config))
+                diff = _first_difference(done["config"], jsonable(step.config))
                 require(
                     not diff,
                     f"step {step.id} finished with another configuration ({diff}); pass "
@@ -232,7 +155,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             t0 = time.time()
             log0("running %s", step.id)
             if step.stage == "report":
-                _record_failures(cfg.run_dir, failed)
+                record_failures(cfg.run_dir, failed)
             try:
                 metrics = step.run()
             except MinitronError as e:
@@ -247,7 +170,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 failed[step.variant] = f"{step.id}: {type(e).__name__}: {e}"
                 log0("FAILED  %s:\n%s", step.id, traceback.format_exc())
                 continue
-            _write_marker(cfg.run_dir, step, metrics, time.time() - t0)
+            write_marker(cfg.run_dir, step, metrics, time.time() - t0)
             log0("%s", _summary(step, metrics, time.time() - t0))
     metrics = {
         "command": "pipeline",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
+from minitron_mcore.checkpoint.layout import is_hf_dir
 from minitron_mcore.pipeline.config import StudentVariant
-from minitron_mcore.pipeline.plan import Step, _is_hf_dir, _train_tokens, stage_data
+from minitron_mcore.pipeline.step import Step, stage_data, train_tokens
 
 
 def _common(p) -> dict:
@@ -35,7 +36,7 @@ def teacher_steps(p):
     from minitron_mcore.stages.pretrain import PretrainConfig, pretrain
 
     cfg = p.cfg
-    if cfg.teacher and _is_hf_dir(cfg.teacher):
+    if cfg.teacher and is_hf_dir(cfg.teacher):
         c = ImportHFConfig(load=cfg.teacher, save=p.path("teacher"), overwrite=True, **_common(p))
         return p.add(Step("teacher", "teacher", "import-hf", c, c.save, lambda: import_hf(c))), ""
     if cfg.teacher:
@@ -65,7 +66,7 @@ def teacher_steps(p):
         **_common(p),
     )
     step = Step("teacher", "teacher", "pretrain", c, c.save, lambda: pretrain(c))
-    step.tokens = _train_tokens(c.train)
+    step.tokens = train_tokens(c.train)
     return p.add(step), tok
 
 
@@ -86,7 +87,7 @@ def correct_step(p, teacher: str) -> Step:
         **_common(p),
     )
     step = Step("correct", "correct", "correct", c, c.save, lambda: correct(c))
-    step.tokens = _train_tokens(c.train)
+    step.tokens = train_tokens(c.train)
     return step
 
 
@@ -94,15 +95,12 @@ def importance_step(p, corrected: str) -> Step:
     import dataclasses
 
     from minitron_mcore.importance.command import ImportanceCommandConfig, importance
-    from minitron_mcore.pipeline.plan import teacher_arch
+    from minitron_mcore.prune.plan import block_sizes_needed
 
     cfg = p.cfg
-    layers = teacher_arch(cfg).num_layers
-    blocks = {int(b) for b in cfg.importance.block_sizes} | {
-        layers - v.target.num_layers
-        for v in cfg.students
-        if v.target.num_layers and v.target.num_layers < layers and not v.drop_layers
-    }
+    blocks = {int(b) for b in cfg.importance.block_sizes}
+    for v in cfg.students:  # one calibration pass serves every student's depth target
+        blocks.update(block_sizes_needed(p.teacher, prune_config(v)))
     icfg = dataclasses.replace(cfg.importance, block_sizes=sorted(blocks))
     c = ImportanceCommandConfig(
         load=corrected,
@@ -115,17 +113,23 @@ def importance_step(p, corrected: str) -> Step:
     return Step("importance", "importance", "importance", c, c.save, lambda: importance(c))
 
 
+def prune_config(v: StudentVariant):
+    """The ``prune.*`` keys of student variant ``v``."""
+    from minitron_mcore.prune.plan import PruneConfig
+
+    return PruneConfig(
+        target=v.target, drop_layers=list(v.drop_layers), depth_metric=v.depth_metric, agg=v.agg
+    )
+
+
 def prune_step(p, v: StudentVariant, corrected: str, scores: str) -> Step:
     from minitron_mcore.prune.command import PruneCommandConfig, prune
-    from minitron_mcore.prune.plan import PruneConfig
 
     c = PruneCommandConfig(
         load=corrected,
         scores=scores,
         save=p.path("students", v.name, "pruned"),
-        prune=PruneConfig(
-            target=v.target, drop_layers=list(v.drop_layers), depth_metric=v.depth_metric, agg=v.agg
-        ),
+        prune=prune_config(v),
         overwrite=True,
         **_common(p),
     )
@@ -146,7 +150,7 @@ def distill_step(p, v: StudentVariant, pruned: str, teacher: str) -> Step:
         **_common(p),
     )
     step = Step(f"distill.{v.name}", "distill", "distill", c, c.save, lambda: distill(c), v.name)
-    step.tokens = _train_tokens(c.train)
+    step.tokens = train_tokens(c.train)
     return step
 
 
@@ -229,13 +233,13 @@ def report_step(p) -> Step:
     from minitron_mcore.pipeline.report import write_report
 
     out = os.path.join(p.run, "report.md")
-    cfg = p.cfg
+    cfg, steps = p.cfg, p.steps  # (the planner's list: every step by the time it runs)
     return Step(
         "report",
         "report",
         "",
         {"run_dir": p.run},
         out,
-        lambda: write_report(cfg),
+        lambda: write_report(cfg, steps),
         owned=[out, os.path.join(p.run, "plots")],
     )

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitron_mcore.checkpoint import hf_mapping
 from minitron_mcore.checkpoint.megatron import (
     WeightsReader,
     copy_into_shards,
@@ -31,14 +30,15 @@ from minitron_mcore.checkpoint.megatron import (
     shards_by_layer,
     tokenizer_files_of,
 )
+from minitron_mcore.checkpoint.rerun import already_done, checkpoint_fingerprint, fingerprint
 from minitron_mcore.errors import require
 from minitron_mcore.importance.scores import Scores
+from minitron_mcore.models import canonical
 from minitron_mcore.models.build import build_model_for_stage, resolve_dtype
 from minitron_mcore.parallel import ParallelConfig, parallel_context
 from minitron_mcore.prune.plan import PruneConfig, PrunePlan, make_plan
 from minitron_mcore.prune.slicing import prune_global, prune_layer
 from minitron_mcore.utils.log import emit_metrics, human_count, log0, progress
-from minitron_mcore.utils.rerun import already_done, checkpoint_fingerprint, fingerprint
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _check_scores(scores: Scores, meta, path: str, load: str) -> None:
 def apply_plan(reader: WeightsReader, dst_model, plan: PrunePlan) -> None:
     """Fill this rank's shards of the pruned model, one kept source layer at a time."""
     dst_shards = shards_by_layer(dst_model)
-    src_keys = hf_mapping.layer_keys(plan.src)
+    src_keys = canonical.layer_keys(plan.src)
     mine = sorted(j for j in dst_shards if j is not None)  # this stage's layers of the new model
     for j in progress(mine, desc="prune", unit="layer"):
         canon = reader.read(src_keys, layer=plan.kept_layers[j])
@@ -79,7 +79,7 @@ def apply_plan(reader: WeightsReader, dst_model, plan: PrunePlan) -> None:
         del canon
         copy_into_shards(dst_shards.pop(j), pruned)
     rest = dst_shards.pop(None, [])  # embeddings / final norm / output layer of this stage
-    keys = hf_mapping.global_keys(plan.src)
+    keys = canonical.global_keys(plan.src)
     extra = sorted({sh.key for sh in rest} - set(keys))
     require(not extra, f"no pruning rule for {extra}; this model layout is not supported")
     for key in keys:  # one at a time: the embedding and output layer are the largest tensors

@@ -79,7 +79,7 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _check_target(
+def check_target(
     src: ModelArch, t: PruneTarget, hf_base: Optional[dict] = None, tp: int = 1
 ) -> ModelArch:
     """The pruned shape ``t`` gives ``src``, refused with one error line when it breaks a target
@@ -129,6 +129,26 @@ def _target_shape(src: ModelArch, t: PruneTarget) -> ModelArch:
         num_layers=t.num_layers or src.num_layers,
         kv_channels=src.kv_channels,
     )
+
+
+def student_shape(src: ModelArch, cfg: PruneConfig, tp: int = 1, pp: int = 1) -> ModelArch:
+    """The shape ``prune`` gives ``src`` for ``cfg``, with every check that needs no weights
+    (the target rules, exportability, layers dropped by name, the TP/PP layout): what a
+    pipeline checks for each student before its first step."""
+    dst = check_target(src, cfg.target)
+    if cfg.drop_layers:
+        dst = dst.replace(num_layers=src.num_layers - len(set(cfg.drop_layers)))
+    dst.check_parallel(tp, pp)
+    return dst
+
+
+def block_sizes_needed(src: ModelArch, cfg: PruneConfig) -> list[int]:
+    """The contiguous-block removal losses (``importance.block_sizes``) this prune can read: a
+    depth target not given by ``drop_layers`` removes one block of the layers it drops."""
+    keep = cfg.target.num_layers
+    if keep and keep < src.num_layers and not cfg.drop_layers:
+        return [src.num_layers - keep]
+    return []
 
 
 def check_exportable(
@@ -262,7 +282,7 @@ def make_plan(
 ) -> PrunePlan:
     """``hf_base`` and ``tp``: the source's HF config and the TP size, for the export check
     (:func:`check_exportable`)."""
-    dst = _check_target(src, cfg.target, hf_base, tp)
+    dst = check_target(src, cfg.target, hf_base, tp)
     kept_layers = choose_layers(src, cfg, scores)
     dst = dst.replace(num_layers=len(kept_layers))
     agg = cfg.agg or None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minitron_mcore.checkpoint import hf_mapping as keys
+from minitron_mcore.models import canonical as keys
 
 
 @dataclass

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from minitron_mcore.data.datasets import DataConfig
-from minitron_mcore.errors import require
-from minitron_mcore.models.build import resolve_dtype
 from minitron_mcore.parallel import ParallelConfig
 from minitron_mcore.train.config import TrainConfig
+from minitron_mcore.train.loop import TrainJob
 
 
 @dataclass
@@ -29,28 +26,21 @@ class TrainingRunKeys:
     overwrite: bool = False
     """Allow replacing an existing ``save`` that is not resumable."""
 
-
-def train_dtype(precision: str) -> torch.dtype:
-    """``train.precision``: auto = bf16 on a GPU that supports it, fp32 otherwise."""
-    require(
-        precision in ("auto", "fp32", "bf16"),
-        f"train.precision={precision!r}: use auto, fp32 or bf16",
-    )
-    if precision == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return resolve_dtype(precision)
+    def peak_lr_text(self) -> str:
+        """The peak LR as a plan shows it before the run (a command whose rule needs the
+        loaded checkpoint says so)."""
+        return "unset" if self.train.lr is None else f"{self.train.lr:g}"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def check_tokenizer_vocab(tokenizer, vocab_size: int) -> None:
-    require(
-        tokenizer.vocab_size <= vocab_size,
-        f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-        f"{vocab_size}; they do not belong together - use the model's tokenizer",
+def describe_schedule(cfg: TrainingRunKeys) -> str:
+    """A training command's LR schedule and token budget, as ``minitron pipeline``'s dry run
+    prints it for each training step."""
+    t = cfg.train
+    low = "lr/10" if t.min_lr is None else f"{t.min_lr:g}"
+    return (
+        f"schedule: peak lr {cfg.peak_lr_text()} -> min lr {low}"
+        f", {t.warmup_steps} warmup steps, {t.decay_style}, {t.steps} steps x global "
+        f"batch {t.global_batch_size} x {t.seq_length} tokens"
     )
 
 
@@ -89,3 +79,25 @@ def check_room_for_checkpoint(save: str, arch) -> None:
     preflight.require_writable(save, "save")
     need = preflight.checkpoint_bytes(arch.num_params(), training=True)
     preflight.require_free_disk(save, need, "a training checkpoint", "save")
+
+
+def train_job(
+    stage: str, cfg: TrainingRunKeys, plan, signature: dict, model, meta, tokenizer, train, **job
+) -> TrainJob:
+    """The engine's job for training command ``stage``: the keys every training command
+    shares (data, save, seed), how it resumes (``plan``, from ``plan_resume``), the model to
+    train with its sidecar and tokenizer, and ``job``'s other fields (objective, ...)."""
+    return TrainJob(
+        stage=stage,
+        model=model,
+        meta=meta,
+        tokenizer=tokenizer,
+        train=train,
+        data=cfg.data,
+        save=cfg.save,
+        seed=cfg.seed,
+        resume_from=plan.source,
+        signature=signature,
+        override_schedule=plan.override_schedule,
+        **job,
+    )

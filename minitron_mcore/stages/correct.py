@@ -15,23 +15,22 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
 from minitron_mcore.data.datasets import require_data
-from minitron_mcore.data.preprocess import resolve_tokenizer_path
-from minitron_mcore.data.tokenizer import Tokenizer
+from minitron_mcore.data.tokenizer import Tokenizer, check_tokenizer_vocab
 from minitron_mcore.errors import require
+from minitron_mcore.models.build import dtype_name, train_dtype
 from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
     check_room_for_checkpoint,
-    check_tokenizer_vocab,
-    dtype_name,
     finished_run,
-    train_dtype,
+    train_job,
 )
 from minitron_mcore.train import fast_paths
-from minitron_mcore.train.config import TrainConfig
-from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
+from minitron_mcore.train.config import TrainConfig, resolve_train_config
+from minitron_mcore.train.loop import run_training
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.utils.log import emit_metrics, log0
 
@@ -48,6 +47,13 @@ class CorrectConfig(TrainingRunKeys):
     """The original model's peak LR; null = read it from the checkpoint's training record."""
     lr_fraction: float = 0.2
     """Recipe: peak LR = original_lr x lr_fraction (1/5 in the papers)."""
+
+    def peak_lr_text(self) -> str:
+        if self.train.lr is not None:
+            return f"{self.train.lr:g}"
+        if self.original_lr:
+            return f"{self.original_lr * self.lr_fraction:g}"
+        return f"{self.lr_fraction:g} x the teacher's recorded peak"
 
 
 def recipe(cfg: CorrectConfig, record: dict) -> TrainConfig:
@@ -107,19 +113,7 @@ def correct(cfg: CorrectConfig) -> dict:
             **fast_paths.model_kwargs(train, cfg.parallel),
         )
         meta = dataclasses.replace(meta, dtype=dtype_name(dtype))
-        job = TrainJob(
-            stage="correct",
-            model=model,
-            meta=meta,
-            tokenizer=tokenizer,
-            train=train,
-            data=cfg.data,
-            save=cfg.save,
-            seed=cfg.seed,
-            resume_from=plan.source,
-            signature=signature,
-            override_schedule=plan.override_schedule,
-        )
+        job = train_job("correct", cfg, plan, signature, model, meta, tokenizer, train)
         metrics = run_training(job)
     emit_metrics(metrics, cfg.save)
     return metrics

@@ -19,27 +19,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
 from minitron_mcore.data.datasets import require_data
-from minitron_mcore.data.preprocess import resolve_tokenizer_path
-from minitron_mcore.data.tokenizer import Tokenizer
+from minitron_mcore.data.tokenizer import Tokenizer, check_tokenizer_vocab
 from minitron_mcore.distill import checks
 from minitron_mcore.distill import intermediate as inter
 from minitron_mcore.distill.losses import MODES, KDSpec
 from minitron_mcore.distill.objective import HiddenLoss, kd_objective
 from minitron_mcore.errors import require
-from minitron_mcore.models.build import resolve_dtype
+from minitron_mcore.models.build import dtype_name, resolve_dtype, train_dtype
 from minitron_mcore.parallel import fail_together, parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
     check_room_for_checkpoint,
-    check_tokenizer_vocab,
-    dtype_name,
     finished_run,
-    train_dtype,
+    train_job,
 )
 from minitron_mcore.train import fast_paths
-from minitron_mcore.train.loop import Trainer, TrainJob, resolve_train_config
+from minitron_mcore.train.config import resolve_train_config
+from minitron_mcore.train.loop import Trainer
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.train.step import lm_forward_step
 from minitron_mcore.utils.log import emit_metrics, human_count, log0
@@ -207,19 +206,16 @@ def distill(cfg: DistillConfig) -> dict:
         sp = student.config.sequence_parallel
         teacher, _ = load_model(cfg.teacher, teacher_dtype, sequence_parallel=sp)
         hidden = _hidden_loss(cfg.distill, student, teacher, smeta, tmeta)
-        job = TrainJob(
-            stage="distill",
-            model=student,
-            meta=dataclasses.replace(smeta, dtype=dtype_name(dtype)),
-            tokenizer=tokenizer,
-            train=train,
-            data=cfg.data,
-            save=cfg.save,
-            seed=cfg.seed,
+        job = train_job(
+            "distill",
+            cfg,
+            plan,
+            signature,
+            student,
+            dataclasses.replace(smeta, dtype=dtype_name(dtype)),
+            tokenizer,
+            train,
             objective=kd_objective(teacher, spec, cfg.distill.chunk_tokens, hidden),
-            resume_from=plan.source,
-            signature=signature,
-            override_schedule=plan.override_schedule,
             extra_metrics={"teacher": cfg.teacher, "pruned_from_teacher": pruned_from_teacher},
         )
         trainer = Trainer(job)

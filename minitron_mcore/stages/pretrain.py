@@ -12,23 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
 from minitron_mcore.checkpoint.megatron import CheckpointMeta
 from minitron_mcore.data.datasets import require_data
-from minitron_mcore.data.preprocess import resolve_tokenizer_path
 from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.errors import require
 from minitron_mcore.models.arch import ModelArch
-from minitron_mcore.models.build import build_model_for_stage
+from minitron_mcore.models.build import build_model_for_stage, dtype_name, train_dtype
 from minitron_mcore.parallel import parallel_context
 from minitron_mcore.stages.common import (
     TrainingRunKeys,
     check_room_for_checkpoint,
-    dtype_name,
     finished_run,
-    train_dtype,
+    train_job,
 )
 from minitron_mcore.train import fast_paths
-from minitron_mcore.train.loop import TrainJob, resolve_train_config, run_training
+from minitron_mcore.train.config import resolve_train_config
+from minitron_mcore.train.loop import run_training
 from minitron_mcore.train.resume import plan_resume, run_signature
 from minitron_mcore.utils.log import emit_metrics, human_count, log0
 
@@ -83,19 +83,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             **fast_paths.model_kwargs(train, cfg.parallel),
         )
         meta = CheckpointMeta(arch=arch, dtype=dtype_name(dtype))
-        job = TrainJob(
-            stage="pretrain",
-            model=model,
-            meta=meta,
-            tokenizer=tokenizer,
-            train=train,
-            data=cfg.data,
-            save=cfg.save,
-            seed=cfg.seed,
-            resume_from=plan.source,
-            signature=signature,
-            override_schedule=plan.override_schedule,
-        )
+        job = train_job("pretrain", cfg, plan, signature, model, meta, tokenizer, train)
         metrics = run_training(job)
     emit_metrics(metrics, cfg.save)
     return metrics

@@ -12,14 +12,19 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 # Shapes chosen to exercise what differs between the families: GQA everywhere, Llama-3 RoPE
 # scaling, a head dim that is not hidden/heads (Mistral NeMo), QKV bias (Qwen2), tied embeddings.
+# The shape every family shares ...
+_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+# ... and what each family sets on top of it.
 TINY = {
     "llama": dict(
+        _SHAPE,
         model_type="llama",
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         rope_theta=500000.0,
         rope_scaling={
             "rope_type": "llama3",
@@ -29,45 +34,33 @@ TINY = {
             "original_max_position_embeddings": 8192,
         },
         max_position_embeddings=16384,
-        rms_norm_eps=1e-5,
+        rms_norm_eps=1e-05,
         tie_word_embeddings=False,
     ),
     "llama-tied": dict(
+        _SHAPE,
         model_type="llama",
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         rope_theta=500000.0,
         max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
+        rms_norm_eps=1e-05,
         tie_word_embeddings=True,
     ),
     "mistral": dict(
+        _SHAPE,
         model_type="mistral",
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=32,
         rope_theta=1000000.0,
         max_position_embeddings=2048,
         sliding_window=None,
-        rms_norm_eps=1e-5,
+        rms_norm_eps=1e-05,
         tie_word_embeddings=False,
     ),
     "qwen2": dict(
+        _SHAPE,
         model_type="qwen2",
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         rope_theta=1000000.0,
         max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=1e-06,
         tie_word_embeddings=True,
         use_sliding_window=False,
     ),

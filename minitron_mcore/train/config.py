@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
+
+from minitron_mcore.errors import require
+from minitron_mcore.train import fast_paths
 
 
 @dataclass
@@ -67,3 +71,48 @@ class TrainConfig:
     wandb: str = "disabled"
     """disabled, offline (never needs a login) or online."""
     wandb_project: str = "minitron"
+
+
+def check_schedule(cfg: TrainConfig, total_steps: int) -> None:
+    """The LR schedule's keys against a run of ``total_steps`` optimizer steps."""
+    require(
+        cfg.decay_style in ("cosine", "linear", "constant"),
+        f"train.decay_style={cfg.decay_style!r}: use cosine, linear or constant",
+    )
+    require(
+        0 <= cfg.warmup_steps < max(total_steps, 1) or total_steps == 0,
+        f"train.warmup_steps={cfg.warmup_steps} must be below train.steps={total_steps}",
+    )
+
+
+def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) -> TrainConfig:
+    """Validate ``train.*`` before any work starts and fill derived defaults (min_lr)."""
+    require(cfg.steps > 0, f"train.steps={cfg.steps} must be positive")
+    require(cfg.lr is not None and cfg.lr > 0, "train.lr must be set to a positive value")
+    require(
+        cfg.global_batch_size is not None and cfg.global_batch_size > 0,
+        "train.global_batch_size must be set to a positive value",
+    )
+    require(cfg.micro_batch_size > 0, "train.micro_batch_size must be positive")
+    require(
+        0 < cfg.seq_length <= max_positions,
+        f"train.seq_length={cfg.seq_length} exceeds the model's maximum sequence length "
+        f"{max_positions}; use a shorter train.seq_length",
+    )
+    check_schedule(cfg, cfg.steps)
+    require(cfg.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
+    if parallel is not None:
+        from minitron_mcore.parallel import world_size
+
+        dp = max(world_size() // (parallel.tp * parallel.pp), 1)
+        require(
+            cfg.global_batch_size % (cfg.micro_batch_size * dp) == 0,
+            f"train.global_batch_size={cfg.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={cfg.micro_batch_size} x data-parallel size {dp}; "
+            "make it a multiple",
+        )
+        # the fast-path keys, checked before any work (they are read again at set-up)
+        fast_paths.model_kwargs(cfg, parallel)
+        fast_paths.ddp_kwargs(cfg, fast_paths.use_distributed_optimizer(cfg), dp)
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    return dataclasses.replace(cfg, min_lr=min_lr)

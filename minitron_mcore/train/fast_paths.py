@@ -128,3 +128,13 @@ def ddp_kwargs(train, distributed_optimizer: bool, dp: int) -> dict:
         "train.overlap_grad_reduce on (auto or true)",
     )
     return {"overlap_grad_reduce": grad, "overlap_param_gather": param}
+
+
+def use_distributed_optimizer(cfg) -> bool:
+    """``train.distributed_optimizer``: auto = on GPUs (Megatron's sharded Adam state)."""
+    choice = str(cfg.distributed_optimizer).lower()
+    require(
+        choice in ("auto", "true", "false"),
+        "train.distributed_optimizer must be auto, true or false",
+    )
+    return torch.cuda.is_available() if choice == "auto" else choice == "true"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from minitron_mcore.checkpoint.megatron import CheckpointMeta
 from minitron_mcore.data.datasets import DataConfig, GlobalBatches, build_datasets
 from minitron_mcore.data.tokenizer import Tokenizer
-from minitron_mcore.errors import MinitronError, require
+from minitron_mcore.errors import MinitronError
 from minitron_mcore.parallel import device
 from minitron_mcore.train import fast_paths, optim, sigterm_received
 from minitron_mcore.train.config import TrainConfig
@@ -121,42 +121,6 @@ def evaluate(model, forward_step, batches: list[list[dict]], seq_length: int) ->
     return validate(model, forward_step, batches, seq_length)[LM]
 
 
-def resolve_train_config(cfg: TrainConfig, max_positions: int, parallel=None) -> TrainConfig:
-    """Validate ``train.*`` before any work starts and fill derived defaults (min_lr)."""
-    require(cfg.steps > 0, f"train.steps={cfg.steps} must be positive")
-    require(cfg.lr is not None and cfg.lr > 0, "train.lr must be set to a positive value")
-    require(
-        cfg.global_batch_size is not None and cfg.global_batch_size > 0,
-        "train.global_batch_size must be set to a positive value",
-    )
-    require(cfg.micro_batch_size > 0, "train.micro_batch_size must be positive")
-    require(
-        0 < cfg.seq_length <= max_positions,
-        f"train.seq_length={cfg.seq_length} exceeds the model's maximum sequence length "
-        f"{max_positions}; use a shorter train.seq_length",
-    )
-    require(
-        0 <= cfg.warmup_steps < cfg.steps,
-        f"train.warmup_steps={cfg.warmup_steps} must be below train.steps={cfg.steps}",
-    )
-    require(cfg.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
-    if parallel is not None:
-        from minitron_mcore.parallel import world_size
-
-        dp = max(world_size() // (parallel.tp * parallel.pp), 1)
-        require(
-            cfg.global_batch_size % (cfg.micro_batch_size * dp) == 0,
-            f"train.global_batch_size={cfg.global_batch_size} is not divisible by "
-            f"train.micro_batch_size={cfg.micro_batch_size} x data-parallel size {dp}; "
-            "make it a multiple",
-        )
-        # the fast-path keys, checked before any work (they are read again at set-up)
-        fast_paths.model_kwargs(cfg, parallel)
-        fast_paths.ddp_kwargs(cfg, optim.use_distributed_optimizer(cfg), dp)
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    return dataclasses.replace(cfg, min_lr=min_lr)
-
-
 class Diverged(MinitronError):
     """The optimised loss of step ``step`` is not finite; that step was not applied."""
 
@@ -181,7 +145,7 @@ class Trainer:
 
         self.job, cfg = job, job.train
         self.objective = job.objective or lm_objective(job.meta.arch.vocab_size)
-        use_dist_opt = optim.use_distributed_optimizer(cfg)
+        use_dist_opt = fast_paths.use_distributed_optimizer(cfg)
         self.ddp = optim.wrap_ddp(job.model, job.model.config, use_dist_opt, cfg)
         self.opt = optim.build_optimizer(self.ddp, cfg, job.model.config, use_dist_opt)
         self.sched = optim.build_scheduler(self.opt, cfg, cfg.steps, job.override_schedule)
@@ -410,7 +374,6 @@ __all__ = [
     "Trainer",
     "evaluate",
     "lm_forward_step",
-    "resolve_train_config",
     "run_training",
     "validate",
 ]

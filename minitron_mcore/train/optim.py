@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 from minitron_mcore.errors import require
 from minitron_mcore.train import fast_paths
-from minitron_mcore.train.config import TrainConfig
-
-
-def use_distributed_optimizer(cfg: TrainConfig) -> bool:
-    choice = str(cfg.distributed_optimizer).lower()
-    require(
-        choice in ("auto", "true", "false"),
-        "train.distributed_optimizer must be auto, true or false",
-    )
-    return torch.cuda.is_available() if choice == "auto" else choice == "true"
+from minitron_mcore.train.config import TrainConfig, check_schedule
+from minitron_mcore.train.fast_paths import use_distributed_optimizer  # noqa: F401 (its old home)
 
 
 def wrap_ddp(model, config, distributed_optimizer: bool, cfg: TrainConfig | None = None):
@@ -87,14 +77,7 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, override: boo
     replace the checkpoint's (``resume_override``) instead of having to equal them."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    require(
-        cfg.decay_style in ("cosine", "linear", "constant"),
-        f"train.decay_style={cfg.decay_style!r}: use cosine, linear or constant",
-    )
-    require(
-        0 <= cfg.warmup_steps < max(total_steps, 1) or total_steps == 0,
-        f"train.warmup_steps={cfg.warmup_steps} must be below train.steps={total_steps}",
-    )
+    check_schedule(cfg, total_steps)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

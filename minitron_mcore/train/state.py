@@ -16,22 +16,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitron_mcore.checkpoint.megatron import (
+from minitron_mcore.checkpoint.layout import (
     META_FILE,
     CheckpointMeta,
-    dist_save,
-    load_weights,
+    newest_training_version,
     reading_checkpoint,
     resolve_checkpoint,
-    save_checkpoint,
 )
+from minitron_mcore.checkpoint.megatron import dist_save, load_weights, save_checkpoint
 from minitron_mcore.errors import require
 from minitron_mcore.parallel import fail_together, is_rank0
 from minitron_mcore.utils.log import log0
@@ -58,16 +56,11 @@ def resume_source(home: str) -> Optional[str]:
     home = home.rstrip("/")
     if os.path.isfile(os.path.join(home, META_FILE)) and _resumable(home):
         return home  # a single version (an old flat checkpoint, or load=CKPT/iter_N)
-    roots = [home] if os.path.isdir(home) else [home + ".partial"]
-    found = []
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for d in os.listdir(root):
-            m = re.match(r"^iter_(\d{7,})$", d)
-            if m and _resumable(os.path.join(root, d)):
-                found.append((int(m.group(1)), os.path.join(root, d)))
-    return max(found)[1] if found else None
+    root = home if os.path.isdir(home) else home + ".partial"
+    newest = (
+        newest_training_version(root, (META_FILE, TRAIN_STATE)) if os.path.isdir(root) else None
+    )
+    return os.path.join(root, newest[1]) if newest else None
 
 
 def has_train_state(path: str) -> bool:

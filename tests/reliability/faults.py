@@ -25,7 +25,7 @@ For each :class:`Stage` (one real CLI command on tiny inputs: the catalogue's sh
    outputs that are final it already equals the reference), and no process of the run is left;
 4. the identical command again, to completion: exit 0 and a result bitwise equal to the
    reference. A non-training command killed after its output was complete finds it in place
-   (same command, same inputs: ``utils/rerun.py``) and does nothing.
+   (same command, same inputs: ``checkpoint/rerun.py``) and does nothing.
 
 ``run_faults.py`` drives it and writes the table in ``tests/reliability/README.md``;
 ``test_faults.py`` is the CI subset.

@@ -19,7 +19,7 @@ from datetime import timedelta
 def main(mode, tokenizer, jsonl, cache_dir, timeout_s, delay_s):
     import torch.distributed as dist
 
-    from minitron_mcore.data import datasets, preprocess
+    from minitron_mcore.data import datasets, preprocess, rank0_build
     from minitron_mcore.data.tokenizer import Tokenizer
     from minitron_mcore.errors import MinitronError
 
@@ -36,8 +36,8 @@ def main(mode, tokenizer, jsonl, cache_dir, timeout_s, delay_s):
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
-    datasets._POLL_SECONDS, datasets._HEARTBEAT_SECONDS = 0.2, 0.5
-    datasets._STALL_SECONDS = 4.0
+    rank0_build._POLL_SECONDS, rank0_build._HEARTBEAT_SECONDS = 0.2, 0.5
+    rank0_build._STALL_SECONDS = 4.0
     original = preprocess.iter_documents
 
     def slow_documents(*args, **kwargs):
@@ -59,7 +59,7 @@ def main(mode, tokenizer, jsonl, cache_dir, timeout_s, delay_s):
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if rank == 0:
-            time.sleep(3 * datasets._POLL_SECONDS + 1)  # as a torchrun agent lets it linger
+            time.sleep(3 * rank0_build._POLL_SECONDS + 1)  # as a torchrun agent lets it linger
         os._exit(2)
     print(json.dumps({"rank": rank, "prefix": prefixes[0], "seconds": time.monotonic() - t0}))
     sys.stdout.flush()

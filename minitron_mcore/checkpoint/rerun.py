@@ -34,12 +34,12 @@ _NOT_RESULT = {"overwrite", "save", "backend", "timeout_minutes", "cache_dir", "
 def _files(path: str) -> list:
     """[name, size, mtime] of ``path``, of each file of a directory, or of a token prefix's
     .bin/.idx."""
-    from minitron_mcore.data.datasets import _is_prefix
+    from minitron_mcore.data.datasets import is_token_prefix
 
     if os.path.isdir(path):
         names = [n for n in sorted(os.listdir(path)) if n[0] != "."]
         return [os.path.basename(path), [_files(os.path.join(path, n)) for n in names]]
-    if _is_prefix(path):
+    if is_token_prefix(path):
         return [_files(path + ".bin"), _files(path + ".idx")]
     try:
         st = os.stat(path)
@@ -51,7 +51,7 @@ def _files(path: str) -> list:
 def input_identity(value: str):
     """What distinguishes the input named ``value`` from any other (see the module doc)."""
     from minitron_mcore.checkpoint.megatron import META_FILE, read_meta
-    from minitron_mcore.data.datasets import _is_prefix
+    from minitron_mcore.data.datasets import is_token_prefix
 
     if not isinstance(value, str) or not value:
         return value  # a blend weight or an empty option
@@ -61,7 +61,7 @@ def input_identity(value: str):
             return {"path": path, "checkpoint_id": read_meta(path).checkpoint_id}
         except MinitronError:
             return {"path": path, "unreadable": True}
-    if os.path.exists(path) or _is_prefix(path):
+    if os.path.exists(path) or is_token_prefix(path):
         return {"path": path, "files": _files(path)}
     return value  # demo:<name>, or a path that does not exist (yet)
 
