@@ -163,11 +163,18 @@ def command_context(command: str, cfg):
                 lock.release()  # (nothing on ranks that did not take it)
 
 
+TRAINING_COMMANDS = ("pretrain", "correct", "distill")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        from minitron_mcore.train import defer_sigterm  # (signal only: torch is not loaded yet)
+
+        defer_sigterm()  # a preemption during start-up is kept for the first step
     from minitron_mcore.utils.log import quiet_known_warnings
 
     quiet_known_warnings()
-    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -178,17 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in overrides):
             print(_show_config(command))
             return 0
-        if command in ("pretrain", "correct", "distill"):
-            from minitron_mcore.train import defer_sigterm
-
-            defer_sigterm()
         cfg = compose(command, overrides)
         try:
             with command_context(command, cfg):
                 COMMANDS[command].resolve("target")(cfg)
         except OSError as e:
             raise storage_error(e) from e
-        if command in ("pretrain", "correct", "distill"):
+        if command in TRAINING_COMMANDS:
             # The run is finished and saved. A SIGTERM from here on (a time limit landing
             # during shutdown) must not turn it into exit -15: CPython's finalisation puts
             # SIG_DFL back for signals with a Python handler, but leaves SIG_IGN in place.

@@ -14,10 +14,15 @@ class MinitronError(Exception):
     exit_code = 2
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`MinitronError` with ``message`` unless ``condition`` holds."""
+class BadValue(MinitronError, ValueError):
+    """A value outside what a key allows, raised where library code (not only the CLI) takes
+    it: one error line for the CLI, a ``ValueError`` for a Python caller."""
+
+
+def require(condition: bool, message: str, error: type = MinitronError) -> None:
+    """Raise ``error`` (a :class:`MinitronError`) with ``message`` unless ``condition`` holds."""
     if not condition:
-        raise MinitronError(message)
+        raise error(message)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

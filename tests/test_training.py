@@ -137,6 +137,36 @@ def test_sigterm_saves_and_exits_cleanly(llama_ckpt, corpora, tmp_path):
     assert read_train_state(save)["iteration"] == metrics["step"]
 
 
+def test_sigterm_during_start_up_saves_and_exits_cleanly(llama_ckpt, corpora, tmp_path):
+    """A SIGTERM while the command is still importing torch (a preemption at the very start;
+    found by the fault driver under load: the process died with -15, nothing saved) is kept for
+    the first step like any SIGTERM before the loop."""
+    save = str(tmp_path / "preempted-early")
+    args = _correct_args(llama_ckpt, corpora["stdlib-code"], save, 100000)
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime"] + args,
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # stderr's import log: signal once the CLI is in and torch is not yet imported
+    seen = ""
+    while "minitron_mcore.cli" not in seen:
+        line = proc.stderr.readline()
+        assert line, f"the command ended before the CLI was imported: {seen[-2000:]}"
+        seen += line
+    assert "| torch\n" not in seen and " torch._C" not in seen, "torch was already imported"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    err = "\n".join(x for x in err.splitlines() if not x.startswith("import time:"))
+    assert proc.returncode == 0, err[-3000:]
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["preempted"] is True and metrics["step"] == 1
+    assert read_train_state(save)["iteration"] == 1
+
+
 def expected_lr(step, lr, min_lr, warmup, total):
     """Megatron's schedule as the recipe defines it: linear warmup from 0, then cosine decay.
     ``step`` is 1-based; the scheduler has taken step-1 increments before step ``step``."""

@@ -43,6 +43,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from minitron_mcore.errors import BadValue, require
+from minitron_mcore.train.losses import vocab_columns_in_use
+
 MODES = ("forward", "reverse")
 
 
@@ -60,23 +63,23 @@ class KDSpec:
     ce_weight: float = 0.0
     """Weight of the student's cross entropy with the data labels, added to the KD loss."""
 
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
-        if self.top_k and self.mode != "forward":
-            raise ValueError("top_k is defined for the forward KL only")
+    def __post_init__(self):  # the ``distill.*`` keys' checks, in one place
+        for ok, message in (
+            (self.mode in MODES, f"distill.mode={self.mode!r}: use one of {MODES}"),
+            (self.temperature > 0, "distill.temperature must be positive"),
+            (self.top_k >= 0 and self.ce_weight >= 0, "distill.top_k / ce_weight must be >= 0"),
+            (
+                not (self.top_k and self.mode != "forward"),
+                "distill.top_k works with distill.mode=forward only",
+            ),
+        ):
+            require(ok, message, BadValue)
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
-
-
-def _valid_columns(part: int, vocab_start: int, vocab_size: int, device) -> torch.Tensor:
-    return torch.arange(vocab_start, vocab_start + part, device=device) < vocab_size  # [V/tp]
 
 
 def _top_k_threshold(zt: torch.Tensor, k: int, valid: torch.Tensor, group) -> torch.Tensor:
@@ -108,7 +111,7 @@ def kd_local(
     CE mix and the T^2 factor; ``lm`` is the student's plain cross entropy (T = 1), for
     monitoring; ``grad`` is d(kd)/d(zs) per token (fp32)."""
     n, part = zs.shape
-    valid = _valid_columns(part, vocab_start, spec.vocab_size, zs.device)
+    valid = vocab_columns_in_use(part, vocab_start, spec.vocab_size, zs.device)
     T = spec.temperature
     f = torch.promote_types(zs.dtype, torch.float32)  # fp32 for bf16/fp32 input, fp64 kept
     zs, zt = zs.to(f), zt.to(f)

@@ -5,18 +5,23 @@ from __future__ import annotations
 import torch
 
 
+def vocab_columns_in_use(part: int, vocab_start: int, vocab_size: int, device) -> torch.Tensor:
+    """[part] bool: which columns of the vocabulary slice ``[vocab_start, vocab_start + part)``
+    are real tokens (ids < ``vocab_size``), not padding. The padding exists only so that the
+    vocabulary splits evenly over TP ranks; it must never take softmax mass (here, in the KD
+    losses, anywhere logits are normalised)."""
+    return torch.arange(vocab_start, vocab_start + part, device=device) < vocab_size
+
+
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
     """Set the logits of padded vocabulary entries (ids >= ``vocab_size``) to -inf.
-
-    ``logits`` is this TP rank's slice [..., v/tp] of the padded vocabulary. The padding exists only
-    so the vocabulary splits evenly over TP ranks; it must not take softmax mass.
-    """
+    ``logits`` is this TP rank's slice [..., v/tp] of the padded vocabulary."""
     part = logits.shape[-1]
     first = tp_rank * part
     if first + part <= vocab_size:
         return logits
-    ids = torch.arange(first, first + part, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+    in_use = vocab_columns_in_use(part, first, vocab_size, logits.device)
+    return logits.masked_fill(~in_use, float("-inf"))
 
 
 def lm_loss_per_token(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
