@@ -64,36 +64,31 @@ the goals and one JSON line.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from bench_train import (  # noqa: E402  (the sibling benchmark: shared loop pieces)
-    BETAS,
-    CLIP,
     DTYPES,
-    EPS,
-    LR,
     SEED,
-    WEIGHT_DECAY,
     flops_per_token,
     guarded,
+    hf_adamw,
+    hf_update,
+    llama_arch,
     load_note,
     make_batches,
+    train_config,
 )
+from harness import MiB, csv  # noqa: E402
 
 GOALS = {  # name: (goal, "<=" or ">=", description)
     "memory_tp1": (0.25, "<=", "(a) KD loss peak memory, ours / naive, TP=1"),
@@ -109,11 +104,10 @@ QUICK.update(chunk_tokens="64", vocab_size=512, seq_len=32, micro_batch=2, steps
 QUICK.update(teacher_layers=2, teacher_hidden=64, teacher_ffn=128)
 QUICK.update(student_layers=1, student_hidden=48, student_ffn=96)
 SIDES = ("transformers", "ours")
-MiB = 2**20
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--parts", default="memory,speed", help="comma list of memory, speed")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
     g = p.add_argument_group("(a) memory of the KD loss")
@@ -155,8 +149,8 @@ def parse_args(argv=None):
     if "--quick" in argv:
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
-    args.part_list, args.precisions = _csv(args.parts), _csv(args.precision)
-    args.mem_dtypes, args.tp_sizes = _csv(args.mem_dtype), [int(x) for x in _csv(args.mem_tp)]
+    args.part_list, args.precisions = csv(args.parts), csv(args.precision)
+    args.mem_dtypes, args.tp_sizes = csv(args.mem_dtype), [int(x) for x in csv(args.mem_tp)]
     bad = [x for x in args.precisions + args.mem_dtypes if x not in DTYPES]
     if bad or set(args.part_list) - {"memory", "speed"}:
         p.error(f"unknown precision {bad} or part in {args.part_list}")
@@ -164,55 +158,11 @@ def parse_args(argv=None):
         from minitron_mcore.stages.distill import DistillOptions
 
         args.chunk_tokens = str(DistillOptions().chunk_tokens)
-    args.chunks = [int(x) for x in _csv(args.chunk_tokens or "1024")]
+    args.chunks = [int(x) for x in csv(args.chunk_tokens or "1024")]
     return args
 
 
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
 # ----------------------------------------------------------------- (a) memory: in a worker
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, above its level at entry."""
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.method, self.thread = "VmHWM after clear_refs", None
-        except OSError:
-            self.method = "psutil RSS sampled every 2 ms"
-        self.base = _status_bytes("VmRSS")
-        if self.method.startswith("psutil"):
-            import psutil
-
-            proc, self.top, self.stop = psutil.Process(), self.base, threading.Event()
-
-            def sample():
-                while not self.stop.wait(0.002):
-                    self.top = max(self.top, proc.memory_info().rss)
-
-            self.thread = threading.Thread(target=sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.thread is None:
-            top = _status_bytes("VmHWM")
-        else:
-            self.stop.set()
-            self.thread.join()
-            top = max(self.top, _status_bytes("VmRSS"))
-        self.peak = top - self.base
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
 
 
 class _GatherVocab(torch.autograd.Function):
@@ -313,7 +263,7 @@ def mem_worker(job: dict) -> dict:
     for _ in range(job["mem_warmup"]):
         fn(x, spec, group, rank, job["chunk"], impl)
         x["hs"].grad = x["ws"].grad = None
-    with PeakRSS() as m:
+    with harness.PeakRSS() as m:
         t0 = time.perf_counter()
         loss = fn(x, spec, group, rank, job["chunk"], impl)
         seconds = time.perf_counter() - t0
@@ -338,18 +288,8 @@ def mem_worker(job: dict) -> dict:
 
 
 def model_arch(a: dict, who: str):
-    from minitron_mcore.models.arch import ModelArch
-
-    return ModelArch(
-        family="llama",
-        num_layers=a[f"{who}_layers"],
-        hidden_size=a[f"{who}_hidden"],
-        ffn_hidden_size=a[f"{who}_ffn"],
-        num_attention_heads=a[f"{who}_heads"],
-        num_query_groups=a[f"{who}_kv_heads"],
-        vocab_size=a["vocab_size"],
-        max_position_embeddings=max(2048, a["seq_len"]),
-    )
+    shape = [a[f"{who}_{f}"] for f in MODEL_FIELDS] + [a["vocab_size"]]
+    return llama_arch(shape, a["seq_len"])
 
 
 def teacher_dtype(a: dict, precision: str) -> torch.dtype:
@@ -368,14 +308,7 @@ def kd_flop_floor(a: dict) -> dict:
 def interleaved(a: dict, steps: dict, batches) -> dict:
     """Warm-up, then timed steps of every objective in turn (order alternating per step):
     wall and CPU seconds (this process, all threads) per step."""
-    times, cpu, losses = ({n: [] for n in steps} for _ in range(3))
-    for i, batch in enumerate(batches):
-        for n in list(steps) if i % 2 == 0 else list(steps)[::-1]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            losses[n].append(float(steps[n](batch)))
-            if i >= a["warmup"]:
-                times[n].append(time.perf_counter() - t0)
-                cpu[n].append(time.process_time() - c0)
+    out = harness.timed_steps(steps, batches, a["warmup"])
     if a["profile"]:
         from torch.profiler import profile
 
@@ -384,7 +317,7 @@ def interleaved(a: dict, steps: dict, batches) -> dict:
                 fn(batches[0])
             print(f"--- {a['side']} {n}: one step ---")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    return {n: {"step_s": times[n], "cpu_s": cpu[n], "losses": losses[n]} for n in steps}
+    return out
 
 
 def hf_model(arch, dtype):
@@ -405,19 +338,10 @@ def run_transformers(a: dict, precision: str, batches) -> dict:
     teacher = hf_model(model_arch(a, "teacher"), teacher_dtype(a, precision)).eval()
     teacher.requires_grad_(False)
     students = {n: hf_model(model_arch(a, "student"), torch.float32).train() for n in "ck"}
-    opts = {}
-    for n, m in students.items():  # bench_train's settings: weight decay on matrices only
-        mats = [p for p in m.parameters() if p.ndim >= 2]
-        rest = [p for p in m.parameters() if p.ndim < 2]
-        groups = [{"params": mats, "weight_decay": WEIGHT_DECAY}, {"params": rest}]
-        opts[n] = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
+    opts = {n: hf_adamw(m) for n, m in students.items()}  # bench_train's settings
 
     def update(n, loss):
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(students[n].parameters(), CLIP)
-        opts[n].step()
-        opts[n].zero_grad(set_to_none=True)
-        return loss.item()
+        return hf_update(students[n], opts[n], loss)
 
     def ce(batch):
         tokens = batch[:, :-1].contiguous()
@@ -446,26 +370,10 @@ def run_ours(a: dict, precision: str, batches) -> dict:
     from minitron_mcore.models.build import build_model_for_stage
     from minitron_mcore.parallel import set_seed
     from minitron_mcore.train import optim
-    from minitron_mcore.train.config import TrainConfig
     from minitron_mcore.train.step import lm_forward_step, train_step
 
     s, b, total = a["seq_len"], a["micro_batch"], len(batches)
-    cfg = TrainConfig(
-        steps=total,
-        seq_length=s,
-        global_batch_size=b,
-        micro_batch_size=b,
-        lr=LR,
-        min_lr=LR,
-        warmup_steps=0,
-        decay_style="constant",
-        weight_decay=WEIGHT_DECAY,
-        adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1],
-        clip_grad=CLIP,
-        distributed_optimizer="false",
-        precision=precision,
-    )
+    cfg = train_config(total, s, b, precision, distributed_optimizer="false")
     set_seed(SEED)
     teacher = build_model_for_stage(model_arch(a, "teacher"), teacher_dtype(a, precision))
     runs = {}
@@ -516,50 +424,13 @@ def speed_worker(job: dict) -> dict:
 # ----------------------------------------------------------------------------- the driver
 
 
+def worker(job: dict) -> dict:
+    return mem_worker(job) if job["kind"] == "mem" else speed_worker(job)
+
+
 def launch(job: dict, nproc: int) -> dict:
-    """This script as a worker on ``job`` (``torchrun`` for ``nproc`` > 1): ``{"ok": True,
-    "ranks": [result of each rank]}`` or ``{"ok": False, "error": ...}``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "job.json")
-        with open(path, "w") as f:
-            json.dump(job, f)
-        cmd = [sys.executable, __file__, "--worker", path]
-        if nproc > 1:
-            cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-            cmd.insert(4, f"--master-port={_free_port()}")
-        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        env = {k: v for k, v in os.environ.items() if k not in launcher}
-        env["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if job.get("profile"):
-            print(r.stdout, flush=True)
-        outs = [os.path.join(tmp, f"out.{i}.json") for i in range(nproc)]
-        if r.returncode != 0 or not all(os.path.exists(p) for p in outs):
-            tail = (r.stderr or r.stdout)[-3000:]
-            print(f"worker failed ({r.returncode}):\n{tail}", flush=True)
-            return {"ok": False, "error": tail[-500:]}
-        ranks = []
-        for p in outs:
-            with open(p) as f:
-                ranks.append(json.load(f))
-        return {"ok": True, "ranks": ranks}
-
-
-def worker_main(path: str) -> None:
-    with open(path) as f:
-        job = json.load(f)
-    out = mem_worker(job) if job["kind"] == "mem" else speed_worker(job)
-    rank = int(os.environ.get("RANK", "0"))
-    with open(os.path.join(os.path.dirname(path), f"out.{rank}.json"), "w") as f:
-        json.dump(out, f)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """This script as a worker on ``job`` (``torchrun`` for ``nproc`` > 1)."""
+    return harness.run_worker(os.path.abspath(__file__), job, nproc, echo=job.get("profile"))
 
 
 def run_memory(args) -> dict:
@@ -670,27 +541,51 @@ def goals_of(args, ratios: dict) -> list[dict]:
     return out
 
 
+# The tables: a row template per part, every column's title.
+MEMORY_ROW = "{dtype:<6}{tp:>3}  {label:<22}{peak:>9.0f}{ratio:>8}{seconds:>8.2f}{loss:>13.6g}"
+MEMORY_ROW += "{grad_h_norm:>10.5g}{grad_w_norm:>10.5g}"
+SPEED_ROW = "{side:<14}{prec:<6}{obj:<11}{tokens_per_s:>10.0f}{step_s_median:>9.3f}"
+SPEED_ROW += "{cpu_s_median:>8.3f}{losses:>20}"
+TITLES = dict(dtype="dtype", tp="TP", label="variant", peak="peak MiB", ratio="x naive")
+TITLES.update(seconds="s", loss="loss", grad_h_norm="|grad h|", grad_w_norm="|grad W|")
+TITLES.update(side="side", prec="prec", obj="objective", tokens_per_s="tokens/s")
+TITLES.update(step_s_median="s/step", cpu_s_median="CPU s", losses="loss first->last")
+
+
+def memory_rows(mem: dict):
+    for dtype, by_tp in mem.items():
+        for tp, res in by_tp.items():
+            for name, r in res.items():
+                label = "naive fp32 KL" if name == "naive" else f"chunked_kd chunk {name[5:]}"
+                if not r["ok"]:
+                    yield f"{dtype:<6}{tp:>3}  {label:<22} FAILED"
+                    continue
+                ratio = _ratio(r["peak_bytes"], res["naive"].get("peak_bytes"))
+                ratio = "n/a" if ratio is None else f"{ratio:.3f}"
+                yield dict(
+                    r, dtype=dtype, tp=tp, label=label, ratio=ratio, peak=r["peak_bytes"] / MiB
+                )
+
+
+def speed_rows(speed: dict):
+    for side, by_prec in speed.items():
+        for prec, r in by_prec.items():
+            if not r["ok"]:
+                yield f"{side:<14}{prec:<6}  FAILED: {r['error'][:200]}"
+                continue
+            for obj in ("ce", "kd"):
+                x = r[obj]
+                losses = f"{x['loss_first']:>11.3f} ->{x['loss_last']:>7.3f}"
+                yield dict(x, side=side, prec=prec, obj=obj, losses=losses)
+
+
 def print_memory(args, mem: dict) -> None:
     print(
         f"\n(a) KD loss forward+backward: V={args.mem_vocab}, n={args.mem_micro_batch}x"
         f"{args.mem_seq_len} tokens, h_s={args.mem_student_hidden}, "
         f"h_t={args.mem_teacher_hidden}; peak RSS above the inputs, max over ranks"
     )
-    head = f"{'dtype':<6}{'TP':>3}  {'variant':<22}{'peak MiB':>9}{'x naive':>8}{'s':>8}"
-    print(head + f"{'loss':>13}{'|grad h|':>10}{'|grad W|':>10}\n" + "-" * (len(head) + 33))
-    for dtype, by_tp in mem.items():
-        for tp, res in by_tp.items():
-            for name, r in res.items():
-                label = "naive fp32 KL" if name == "naive" else f"chunked_kd chunk {name[5:]}"
-                if not r["ok"]:
-                    print(f"{dtype:<6}{tp:>3}  {label:<22} FAILED")
-                    continue
-                ratio = _ratio(r["peak_bytes"], res["naive"].get("peak_bytes"))
-                print(
-                    f"{dtype:<6}{tp:>3}  {label:<22}{r['peak_bytes'] / MiB:>9.0f}"
-                    f"{'n/a' if ratio is None else f'{ratio:.3f}':>8}{r['seconds']:>8.2f}"
-                    f"{r['loss']:>13.6g}{r['grad_h_norm']:>10.5g}{r['grad_w_norm']:>10.5g}"
-                )
+    print(harness.fixed_table(MEMORY_ROW, TITLES, list(memory_rows(mem)), rule=True))
     methods = {r["method"] for t in mem.values() for v in t.values() for r in v.values() if r["ok"]}
     print(f"(peak by {', '.join(sorted(methods))}; includes the gradients of h_s and W_s)")
 
@@ -700,20 +595,7 @@ def print_speed(args, speed: dict, floor: dict) -> None:
         f"\n(b, c) one optimizer step on {args.micro_batch}x{args.seq_len} tokens, vocab "
         f"{args.vocab_size}, {args.repeats} process(es) x {args.steps} timed steps per side"
     )
-    head = f"{'side':<14}{'prec':<6}{'objective':<11}{'tokens/s':>10}{'s/step':>9}{'CPU s':>8}"
-    print(head + f"{'loss first->last':>20}\n" + "-" * (len(head) + 20))
-    for side, by_prec in speed.items():
-        for prec, r in by_prec.items():
-            if not r["ok"]:
-                print(f"{side:<14}{prec:<6}  FAILED: {r['error'][:200]}")
-                continue
-            for obj in ("ce", "kd"):
-                x = r[obj]
-                print(
-                    f"{side:<14}{prec:<6}{obj:<11}{x['tokens_per_s']:>10.0f}"
-                    f"{x['step_s_median']:>9.3f}{x['cpu_s_median']:>8.3f}"
-                    f"{x['loss_first']:>11.3f} ->{x['loss_last']:>7.3f}"
-                )
+    print(harness.fixed_table(SPEED_ROW, TITLES, list(speed_rows(speed)), rule=True))
     print(
         f"FLOPs/token: student training {floor['student_train'] / 1e6:.1f}M, teacher forward "
         f"{floor['teacher_forward'] / 1e6:.1f}M: a KD step is {floor['ratio']:.2f}x a CE step"
@@ -723,7 +605,7 @@ def print_speed(args, speed: dict, floor: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker_main(args.worker)
+        harness.worker_main(args.worker, worker)
         return 0
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

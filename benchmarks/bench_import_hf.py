@@ -33,22 +33,16 @@ Exit status is non-zero if any measured subprocess fails; its stderr tail is pri
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import re
 import shutil
-import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 
-GIB = 2**30
-POLL_SECONDS = 0.05
-TIME_BIN = "/usr/bin/time"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import GIB, POLL_SECONDS, Run, median_of, summary  # noqa: E402
+
 SPEC_FILE = "bench_spec.json"
 # Llama-3.2-1B's shapes (RoPE included); the tokenizer is a tiny local one.
 LLAMA_1B = dict(
@@ -112,23 +106,38 @@ def model_spec(num_layers: int, vocab_size: int) -> dict:
     return dict(LLAMA_1B, num_hidden_layers=num_layers, vocab_size=vocab_size)
 
 
+def _stamped(stamp: str, spec: dict) -> bool:
+    """Whether ``stamp`` records ``spec`` (what a cached output was made from)."""
+    if not os.path.isfile(stamp):
+        return False
+    with open(stamp) as f:
+        return json.load(f) == spec
+
+
+def _stamp(stamp: str, spec: dict) -> None:
+    with open(stamp, "w") as f:
+        json.dump(spec, f, indent=2, sort_keys=True)
+
+
+def _clear(path: str) -> None:
+    """Remove ``path`` and what an interrupted write left of it."""
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path + ".partial", ignore_errors=True)
+
+
 def ensure_hf_model(work_dir: str, spec: dict) -> str:
     """The cached random bf16 model for ``spec`` under ``work_dir``; created if absent."""
     name = f"llama-bf16-l{spec['num_hidden_layers']}-v{spec['vocab_size']}"
     path = os.path.join(work_dir, name)
-    spec_path = os.path.join(path, SPEC_FILE)
-    if os.path.isfile(spec_path):
-        with open(spec_path) as f:
-            if json.load(f) == spec:
-                print(f"using cached model {path}")
-                return path
+    if _stamped(os.path.join(path, SPEC_FILE), spec):
+        print(f"using cached model {path}")
+        return path
     print(f"creating random model {path} (once; cached for later runs) ...", flush=True)
     t0 = time.perf_counter()
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     _write_random_llama(tmp, spec)
-    with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
+    _stamp(os.path.join(tmp, SPEC_FILE), spec)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     print(f"created in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -176,150 +185,33 @@ def dir_bytes(path: str) -> int:
     )
 
 
-# ---------------------------------------------------------------------------- measuring
-
-
-@dataclass
-class Run:
-    """One measured subprocess."""
-
-    name: str
-    wall_s: float
-    peak_rss_bytes: int  # /usr/bin/time's max RSS if available, else the sampled tree sum
-    sampled_tree_rss_bytes: int  # an upper bound: forked children's shared pages count twice
-    max_procs: int  # most processes seen at once in the measured tree
-    rss_method: str
-    returncode: int
-    inner_s: float | None = None  # the process's own timing (imports excluded), if reported
-    stdout: str = field(default="", repr=False)
-    stderr: str = field(default="", repr=False)
-
-
-def _tree_rss(proc) -> tuple[int, int]:
-    """(sum of RSS, number of processes) over ``proc`` and its descendants."""
-    import psutil
-
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0, 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total, len(procs)
-
-
-def _parse_time_v(text: str) -> int | None:
-    """Max RSS in bytes from ``/usr/bin/time -v`` output (reported in KiB)."""
-    m = re.search(r"Maximum resident set size \(kbytes\):\s*(\d+)", text)
-    return int(m.group(1)) * 1024 if m else None
-
-
-def _last_json_line(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
-def measure(name: str, cmd: list[str], time_file: str) -> Run:
-    """Run ``cmd`` to completion; wall time, peak RSS and its output."""
-    import psutil
-
-    use_time = os.access(TIME_BIN, os.X_OK)
-    full = [TIME_BIN, "-v", "-o", time_file, *cmd] if use_time else cmd
-    wrapper = 1 if use_time else 0  # /usr/bin/time itself is not counted as a process
-    peak, max_procs = 0, 0
-    done = threading.Event()
-
-    t0 = time.perf_counter()
-    popen = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc = psutil.Process(popen.pid)
-
-    def poll():
-        nonlocal peak, max_procs
-        while not done.is_set():
-            rss, n = _tree_rss(proc)
-            peak, max_procs = max(peak, rss), max(max_procs, n - wrapper)
-            done.wait(POLL_SECONDS)
-
-    sampler = threading.Thread(target=poll, daemon=True)
-    sampler.start()
-    stdout, stderr = popen.communicate()
-    wall = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-
-    kernel_peak = None
-    if use_time and os.path.isfile(time_file):
-        with open(time_file) as f:
-            kernel_peak = _parse_time_v(f.read())
-        os.remove(time_file)
-    inner = _last_json_line(stdout) or {}
-    return Run(
-        name=name,
-        wall_s=wall,
-        peak_rss_bytes=kernel_peak if kernel_peak is not None else peak,
-        sampled_tree_rss_bytes=peak,
-        max_procs=max_procs,
-        rss_method="/usr/bin/time -v" if kernel_peak is not None else "psutil tree sum, 50 ms",
-        returncode=popen.returncode,
-        inner_s=inner.get("seconds"),
-        stdout=stdout,
-        stderr=stderr,
-    )
-
-
-def fail(run: Run, cmd: list[str], tail_lines: int = 40) -> None:
-    print(f"\nerror: {run.name} failed with exit status {run.returncode}", file=sys.stderr)
-    print("command: " + " ".join(cmd), file=sys.stderr)
-    print(f"--- last {tail_lines} lines of its stderr ---", file=sys.stderr)
-    print("\n".join(run.stderr.rstrip().splitlines()[-tail_lines:]), file=sys.stderr)
-    sys.exit(run.returncode or 1)
-
-
 # ---------------------------------------------------------------------------- reporting
 
 
-def median(runs: list[Run], attr: str) -> float | None:
-    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
-    return statistics.median(values) if values else None
+def import_cmd(hf_dir: str, ckpt: str, extra=()) -> list[str]:
+    cmd = [sys.executable, "-m", "minitron_mcore", "import-hf", f"load={hf_dir}", f"save={ckpt}"]
+    return cmd + list(extra)
 
 
 def cached_import(hf_dir: str, ckpt: str, spec: dict, time_file: str, extra=()):
     """``minitron import-hf load=hf_dir save=ckpt [extra]``, measured, or the checkpoint a
     previous run made from the same ``spec``; returns (ckpt, import Run or None)."""
     stamp = ckpt + ".spec.json"
-    if os.path.isfile(stamp) and os.path.isfile(os.path.join(ckpt, "minitron.json")):
-        with open(stamp) as f:
-            if json.load(f) == spec:
-                print(f"using cached checkpoint {ckpt}")
-                return ckpt, None
-    shutil.rmtree(ckpt, ignore_errors=True)
-    shutil.rmtree(ckpt + ".partial", ignore_errors=True)
-    cmd = [sys.executable, "-m", "minitron_mcore", "import-hf", f"load={hf_dir}", f"save={ckpt}"]
-    cmd += list(extra)
+    if os.path.isfile(os.path.join(ckpt, "minitron.json")) and _stamped(stamp, spec):
+        print(f"using cached checkpoint {ckpt}")
+        return ckpt, None
+    _clear(ckpt)
     print(f"importing {hf_dir} -> {ckpt} (once; cached for later runs) ...", flush=True)
-    run = measure("import-hf", cmd, time_file)
-    if run.returncode != 0:
-        fail(run, cmd)
-    with open(stamp, "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
+    run = harness.measure_ok("import-hf", import_cmd(hf_dir, ckpt, extra), time_file)
+    _stamp(stamp, spec)
     return ckpt, run
 
 
 def compute_ratios(runs: dict[str, list[Run]], ckpt_bytes: int) -> dict[str, float]:
     """import-hf over each baseline (wall time, peak RSS) and every side's peak RSS over the
     checkpoint size; medians over the repeats."""
-    wall = {k: median(rs, "wall_s") for k, rs in runs.items()}
-    rss = {k: median(rs, "peak_rss_bytes") for k, rs in runs.items()}
+    wall = {k: median_of(rs, "wall_s") for k, rs in runs.items()}
+    rss = {k: median_of(rs, "peak_rss_bytes") for k, rs in runs.items()}
     ratios = {}
     for b in BASELINES:
         ratios[f"time_import_hf_over_{b}"] = wall["import_hf"] / wall[b]
@@ -329,20 +221,25 @@ def compute_ratios(runs: dict[str, list[Run]], ckpt_bytes: int) -> dict[str, flo
     return ratios
 
 
-def print_table(runs: dict[str, list[Run]], ckpt_bytes: int, ratios: dict[str, float]) -> None:
-    print()
-    print(
-        f"{'':<24}{'run':>4}{'wall s':>9}{'in-proc s':>11}{'peak RSS GiB':>14}"
-        f"{'tree RSS sum GiB':>18}{'procs':>7}"
+# One row per measured process (the columns bench_prune.py prints too, before its own).
+RUN_ROW = "{run:>4}{wall:>9.1f}{inner:>11}{rss:>14.2f}{tree:>{tree_w}.2f}{procs:>7}"
+RUN_TITLES = dict(run="run", wall="wall s", inner="in-proc s", rss="peak RSS GiB", procs="procs")
+
+
+def run_row(i: int, r: Run, **more) -> dict:
+    """``RUN_ROW``'s fields for the ``i``-th run ``r`` (and ``more``)."""
+    inner = f"{r.inner_s:.1f}" if r.inner_s is not None else "-"
+    rss, tree = r.peak_rss_bytes / GIB, r.sampled_tree_rss_bytes / GIB
+    return dict(
+        run=i + 1, wall=r.wall_s, inner=inner, rss=rss, tree=tree, procs=r.max_procs, **more
     )
-    for key, rs in runs.items():
-        for i, r in enumerate(rs):
-            inner = f"{r.inner_s:.1f}" if r.inner_s is not None else "-"
-            print(
-                f"{SIDES[key]:<24}{i + 1:>4}{r.wall_s:>9.1f}{inner:>11}"
-                f"{r.peak_rss_bytes / GIB:>14.2f}{r.sampled_tree_rss_bytes / GIB:>18.2f}"
-                f"{r.max_procs:>7}"
-            )
+
+
+def print_table(runs: dict[str, list[Run]], ckpt_bytes: int, ratios: dict[str, float]) -> None:
+    row = ("{side:<24}" + RUN_ROW).replace("{tree_w}", "18")
+    rows = [run_row(i, r, side=SIDES[k]) for k, rs in runs.items() for i, r in enumerate(rs)]
+    print()
+    print(harness.fixed_table(row, dict(RUN_TITLES, side="", tree="tree RSS sum GiB"), rows))
     print("wall s: whole subprocess; in-proc s: the process's own timing (imports excluded)")
     print(f"peak RSS: {runs['import_hf'][0].rss_method}")
     print(
@@ -363,29 +260,21 @@ def print_table(runs: dict[str, list[Run]], ckpt_bytes: int, ratios: dict[str, f
         print(f"  peak RSS / checkpoint size, {SIDES[k]:<24}{ratio:6.2f}")
 
 
-def summary(rs: list[Run]) -> dict:
-    return {
-        "wall_s": round(median(rs, "wall_s"), 3),
-        "inner_s": median(rs, "inner_s"),
-        "peak_rss_bytes": int(median(rs, "peak_rss_bytes")),
-        "sampled_tree_rss_bytes": int(median(rs, "sampled_tree_rss_bytes")),
-        "runs": [
-            {k: v for k, v in asdict(r).items() if k not in ("stdout", "stderr", "name")}
-            for r in rs
-        ],
-    }
-
-
 # ---------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="/tmp/minitron_bench", help="model cache and outputs")
-    p.add_argument("--repeats", type=int, default=1, help="measured runs of each side")
-    p.add_argument("--keep", action="store_true", help="keep the import-hf output checkpoints")
+def add_model_args(p) -> None:
+    """The flags that shrink the source model (for a quick check of a script)."""
     p.add_argument("--num-layers", type=int, default=LLAMA_1B["num_hidden_layers"])
     p.add_argument("--vocab-size", type=int, default=LLAMA_1B["vocab_size"])
+
+
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__)
+    harness.add_runs_args(
+        p, "measured runs of each side", keep_help="keep the import-hf output checkpoints"
+    )
+    add_model_args(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
@@ -400,44 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     hf_dir = ensure_hf_model(work_dir, spec)
     ckpt_bytes = weights_bytes(hf_dir)
     time_file = os.path.join(work_dir, "time-v.txt")
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"note: 1-min load average is {load_before:.2f}; other work skews the timings")
+    load_before = harness.load_before()
 
     runs: dict[str, list[Run]] = {k: [] for k in SIDES}
     out_bytes = None
     for i in range(args.repeats):
         out = os.path.join(work_dir, f"ckpt-{i + 1}")
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(out + ".partial", ignore_errors=True)
+        _clear(out)
         cmds = {
             "transformers": [sys.executable, "-c", BASELINE_CODE, hf_dir, "load"],
             "transformers_touch": [sys.executable, "-c", BASELINE_CODE, hf_dir, "touch"],
-            "import_hf": [
-                sys.executable,
-                "-m",
-                "minitron_mcore",
-                "import-hf",
-                f"load={hf_dir}",
-                f"save={out}",
-            ],
+            "import_hf": import_cmd(hf_dir, out),
         }
         for key, cmd in cmds.items():
             print(f"[{i + 1}/{args.repeats}] {SIDES[key]} ...", flush=True)
-            run = measure(SIDES[key], cmd, time_file)
-            if run.returncode != 0:
-                fail(run, cmd)
-            runs[key].append(run)
+            runs[key].append(harness.measure_ok(SIDES[key], cmd, time_file))
         out_bytes = dir_bytes(out)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
 
-    params = _last_json_line(runs["transformers"][0].stdout).get("params")
+    params = harness.last_json_line(runs["transformers"][0].stdout).get("params")
     extra = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host_cpus": os.cpu_count(),
-        "loadavg_1min_before": round(load_before, 2),
-        "python": platform.python_version(),
+        **harness.host_info(load_before),
         "params": params,
         "spec": {k: spec[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
         "repeats": args.repeats,

@@ -54,31 +54,26 @@ the 1-min load average is printed before and after.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_import_hf as bih  # noqa: E402  (the sibling benchmark: model writer, measure())
-from bench_train import make_arch  # noqa: E402  (same Llama-shaped ModelArch from the flags)
+import bench_import_hf as bih  # noqa: E402  (the sibling benchmark: model writer, cached import)
+import harness  # noqa: E402
+from bench_train import ARCH_FLAGS, HF_NAMES, add_arch_args, make_arch  # noqa: E402  (same Llama arch)
+from bench_train import make_batches as random_batches  # noqa: E402  (the same tokens)
+from harness import Clock, median_of  # noqa: E402
 
 SEED = 1234
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--ffn-hidden-size", type=int, default=1536)
-    p.add_argument("--num-heads", type=int, default=8)
-    p.add_argument("--num-kv-heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=8192)
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__)
+    add_arch_args(p, dict(zip(ARCH_FLAGS, (8, 512, 1536, 8, 4, 8192))))
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples N")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample S")
     p.add_argument("--micro-batch", type=int, default=4, help="samples per micro-batch B")
@@ -94,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cli-repeats", type=int, default=None, help="default: --repeats")
     p.add_argument("--work-dir", default="/tmp/minitron_bench", help="model cache and outputs")
     args = p.parse_args(argv)
-    args.blocks = [int(x) for x in args.block_sizes.split(",") if x.strip()]
+    args.blocks = [int(x) for x in harness.csv(args.block_sizes)]
     args.cli_repeats = args.cli_repeats or args.repeats
     if args.repeats < 1 or args.cli_repeats < 1:
         p.error("--repeats and --cli-repeats must be at least 1")
@@ -110,29 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_batches(args) -> list[list[dict]]:
     """N random-token samples as one-micro-batch global batches (the command's layout on one
     rank: ``GlobalBatches(ds, micro_batch * dp, micro_batch, ...)``)."""
-    g = torch.Generator().manual_seed(SEED)
     b, s = args.micro_batch, args.seq_len
-    out = []
-    for _ in range(args.num_samples // b):
-        x = torch.randint(0, args.vocab_size, (b, s + 1), generator=g)
-        mb = {
-            "tokens": x[:, :-1].contiguous(),
-            "labels": x[:, 1:].contiguous(),
-            "position_ids": torch.arange(s, dtype=torch.long).expand(b, s).contiguous(),
-            "loss_mask": torch.ones(b, s, dtype=torch.float),
-        }
-        out.append([mb])
-    return out
-
-
-def now() -> float:
-    return time.perf_counter()
-
-
-def cpu() -> float:
-    """CPU seconds of this process, all threads: less sensitive than wall time to other
-    processes competing for the cores (both sides use the same torch thread count)."""
-    return time.process_time()
+    mb = {
+        "position_ids": torch.arange(s, dtype=torch.long).expand(b, s).contiguous(),
+        "loss_mask": torch.ones(b, s, dtype=torch.float),
+    }
+    return [
+        [dict(mb, tokens=x[:, :-1].contiguous(), labels=x[:, 1:].contiguous())]
+        for x in random_batches(args, args.num_samples // b)
+    ]
 
 
 # ---------------------------------------------------------------------------- in-process
@@ -155,32 +136,32 @@ def run_in_process(args) -> dict:
     seq, L = args.seq_len, arch.num_layers
     passes = 1 + sum(L - n + 1 for n in args.blocks)
     with parallel_context(ParallelConfig(), SEED):
-        t0 = now()
+        clock = Clock()
         model = build_model_for_stage(arch, torch.float32, use_te=False)
-        build_s = now() - t0
+        build_s = clock.wall()
         params = sum(p.numel() for p in model.parameters())
         fwd = lm_forward_step(arch.vocab_size)
 
         def plain(bs=batches):
-            t0, c0 = now(), cpu()
+            clock = Clock()
             loss = evaluate(model, fwd, bs, seq)
-            return {"total_s": now() - t0, "cpu_s": cpu() - c0, "loss": loss}
+            return {"total_s": clock.wall(), "cpu_s": clock.cpu(), "loss": loss}
 
         def hooked():
-            t0, c0 = now(), cpu()
+            clock = Clock()
             collector = ActivationCollector(model)
             collector.attach()
             loss = evaluate(model, fwd, batches, seq)
             collector.detach()
-            t1 = now()
+            t1 = clock.wall()
             local = _reduce_and_gather(collector)
-            t2 = now()
+            t2 = clock.wall()
             tensors = _layer_tensors(local, collector, L)
-            t3, c3 = now(), cpu()
+            t3, c3 = clock.wall(), clock.cpu()
             return {
-                "total_s": t3 - t0,
-                "cpu_s": c3 - c0,
-                "forward_s": t1 - t0,
+                "total_s": t3,
+                "cpu_s": c3,
+                "forward_s": t1,
                 "reduce_gather_s": t2 - t1,
                 "layer_tensors_s": t3 - t2,
                 "loss": loss,
@@ -199,17 +180,17 @@ def run_in_process(args) -> dict:
                 for hook in (False, True) if k % 2 == 0 else (True, False):
                     if hook:
                         collector.attach()
-                    t0, c0 = now(), cpu()
+                    clock = Clock()
                     evaluate(model, fwd, [b], seq)
-                    dt[hook] = now() - t0
-                    c[hook] += cpu() - c0
+                    dt[hook] = clock.wall()
+                    c[hook] += clock.cpu()
                     if hook:
                         collector.detach()
                     t[hook] += dt[hook]
                 ratios.append(dt[True] / dt[False])
-            t0, c0 = now(), cpu()
+            clock = Clock()
             _layer_tensors(_reduce_and_gather(collector), collector, L)
-            finalise, finalise_cpu = now() - t0, cpu() - c0
+            finalise, finalise_cpu = clock.wall(), clock.cpu()
             return {
                 "plain_s": t[False],
                 "hooked_s": t[True] + finalise,
@@ -219,11 +200,11 @@ def run_in_process(args) -> dict:
             }
 
         def layer_loss(cache_gb: float):
-            t0, c0 = now(), cpu()
+            clock = Clock()
             out, _ = _layer_losses(model, fwd, ll_batches, seq, arch, args.blocks, None, cache_gb)
             return {
-                "total_s": now() - t0,
-                "cpu_s": cpu() - c0,
+                "total_s": clock.wall(),
+                "cpu_s": clock.cpu(),
                 "base_loss": float(out["base_loss"]),
             }
 
@@ -251,24 +232,13 @@ def run_in_process(args) -> dict:
     }
 
 
-def med(rs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in rs)
-
-
 # ---------------------------------------------------------------------------- end to end (CLI)
 
 
 def hf_spec(args) -> dict:
-    return dict(
-        bih.LLAMA_1B,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.ffn_hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
-        vocab_size=args.vocab_size,
-        tie_word_embeddings=False,
-    )
+    """The HF config of the same shapes, untied (the rest: ``bench_import_hf``'s Llama)."""
+    shapes = {hf: getattr(args, flag) for hf, flag in zip(HF_NAMES, ARCH_FLAGS)}
+    return dict(bih.LLAMA_1B, **shapes, tie_word_embeddings=False)
 
 
 def ensure_checkpoint(work: str, hf_dir: str, spec: dict, time_file: str) -> str:
@@ -315,17 +285,12 @@ def run_cli(args) -> dict:
     ckpt = ensure_checkpoint(work, hf_dir, spec, time_file)
     cmds = cli_commands(args, ckpt, work)
     print("warm-up evaluate (tokenises the demo corpus once) ...", flush=True)
-    warm = bih.measure("warm-up", cmds["evaluate"], time_file)
-    if warm.returncode != 0:
-        bih.fail(warm, cmds["evaluate"])
+    warm = harness.measure_ok("warm-up", cmds["evaluate"], time_file)
     runs: dict[str, list] = {k: [] for k in cmds}
     for r in range(args.cli_repeats):
         for key, cmd in cmds.items():
             print(f"[{r + 1}/{args.cli_repeats}] {CLI_LABELS[key]} ...", flush=True)
-            run = bih.measure(CLI_LABELS[key], cmd, time_file)
-            if run.returncode != 0:
-                bih.fail(run, cmd)
-            runs[key].append(run)
+            runs[key].append(harness.measure_ok(CLI_LABELS[key], cmd, time_file))
     return {
         "ckpt": ckpt,
         "warmup_wall_s": warm.wall_s,
@@ -337,49 +302,58 @@ def run_cli(args) -> dict:
 # ---------------------------------------------------------------------------- reporting
 
 
-def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
+def report_in_process(args, inproc: dict) -> dict:
+    """Print the in-process figures; returns them for the JSON line."""
     runs = inproc["runs"]
-    plain_s, imp_s = med(runs["plain"], "total_s"), med(runs["importance"], "total_s")
+    keys = ("total_s", "forward_s", "cpu_s", "reduce_gather_s", "layer_tensors_s")
+    imp = {k: median_of(runs["importance"], k) for k in keys}
+    plain_s, imp_s = median_of(runs["plain"], "total_s"), imp["total_s"]
     tokens = args.num_samples * args.seq_len
     print(
         f"\nmodel: {inproc['params'] / 1e6:.2f}M params (fp32), "
         f"{args.num_samples} samples x {args.seq_len} tokens, micro-batch {args.micro_batch}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    print(f"\n{'in-process (medians of ' + str(args.repeats) + ')':<44}{'s':>9}{'x plain':>9}")
     rows = [
         ("(a) plain forward (evaluate)", plain_s),
         ("(b) importance, total", imp_s),
-        ("    forward with hooks", med(runs["importance"], "forward_s")),
-        ("    _reduce_and_gather", med(runs["importance"], "reduce_gather_s")),
-        ("    _layer_tensors", med(runs["importance"], "layer_tensors_s")),
+        ("    forward with hooks", imp["forward_s"]),
+        ("    _reduce_and_gather", imp["reduce_gather_s"]),
+        ("    _layer_tensors", imp["layer_tensors_s"]),
     ]
-    for name, s in rows:
-        print(f"{name:<44}{s:>9.3f}{s / plain_s:>9.3f}")
+    rows = [dict(name=name, s=s, x=s / plain_s) for name, s in rows]
+    titles = dict(name=f"in-process (medians of {args.repeats})", s="s", x="x plain")
+    print("\n" + harness.fixed_table("{name:<44}{s:>9.3f}{x:>9.3f}", titles, rows))
     print(f"plain forward throughput: {tokens / plain_s:,.0f} tokens/s")
     result = {
         "plain_s": plain_s,
         "importance_s": imp_s,
-        "importance_forward_s": med(runs["importance"], "forward_s"),
-        "reduce_gather_s": med(runs["importance"], "reduce_gather_s"),
-        "layer_tensors_s": med(runs["importance"], "layer_tensors_s"),
+        "importance_forward_s": imp["forward_s"],
+        "reduce_gather_s": imp["reduce_gather_s"],
+        "layer_tensors_s": imp["layer_tensors_s"],
         "overhead_ratio": imp_s / plain_s,
         "plain_tokens_per_s": tokens / plain_s,
         "loss_plain": runs["plain"][0]["loss"],
         "loss_hooked": runs["importance"][0]["loss"],
     }
-    result["cpu_overhead_ratio"] = med(runs["importance"], "cpu_s") / med(runs["plain"], "cpu_s")
+    result["cpu_overhead_ratio"] = imp["cpu_s"] / median_of(runs["plain"], "cpu_s")
     print(
         f"overhead ratio (b)/(a): {result['overhead_ratio']:.3f} wall time, "
         f"{result['cpu_overhead_ratio']:.3f} process CPU time"
     )
-    pr = runs["paired"]
+    result.update(report_paired(runs["paired"]))
+    if "layer_loss" in runs:
+        result.update(report_layer_loss(args, runs, inproc["passes"]))
+    return result
+
+
+def report_paired(pr: list[dict]) -> dict:
     batch_ratios = [x for r in pr for x in r["batch_ratios"]]
-    result.update(
-        paired_plain_s=med(pr, "plain_s"),
-        paired_importance_s=med(pr, "hooked_s"),
-        paired_overhead_ratio=med(pr, "ratio"),
-        paired_cpu_overhead_ratio=med(pr, "cpu_ratio"),
+    result = dict(
+        paired_plain_s=median_of(pr, "plain_s"),
+        paired_importance_s=median_of(pr, "hooked_s"),
+        paired_overhead_ratio=median_of(pr, "ratio"),
+        paired_cpu_overhead_ratio=median_of(pr, "cpu_ratio"),
         paired_batch_ratio_median=statistics.median(batch_ratios),
     )
     print(
@@ -388,64 +362,78 @@ def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
         f"CPU (medians over repeats); per-micro-batch wall median "
         f"{result['paired_batch_ratio_median']:.3f} over {len(batch_ratios)} pairs"
     )
-    if "layer_loss" in runs:
-        ll_plain, ll = med(runs["plain_ll"], "total_s"), med(runs["layer_loss"], "total_s")
-        mult = ll / ll_plain
-        cpu_mult = med(runs["layer_loss"], "cpu_s") / med(runs["plain_ll"], "cpu_s")
-        print(
-            f"(c) layer-removal loss, blocks {args.blocks}, {args.layer_loss_samples} samples: "
-            f"{ll:.3f} s = {mult:.2f} x one plain pass over them ({ll_plain:.3f} s); "
-            f"{inproc['passes']} passes -> {mult / inproc['passes']:.3f} x plain per pass "
-            f"(process CPU time: {cpu_mult:.2f} x, {cpu_mult / inproc['passes']:.3f} per pass)"
-        )
-        full = med(runs["layer_loss_full"], "total_s")
-        print(
-            f"    the same as full passes (importance.layer_cache_gb=0): {full:.3f} s = "
-            f"{full / ll_plain:.2f} x plain; cached / full = {ll / full:.3f}"
-        )
-        result.update(
-            layer_loss_full_s=full,
-            layer_loss_cached_over_full=ll / full,
-            layer_loss_s=ll,
-            layer_loss_plain_s=ll_plain,
-            layer_loss_multiple=mult,
-            layer_loss_passes=inproc["passes"],
-            layer_loss_per_pass=mult / inproc["passes"],
-            layer_loss_cpu_multiple=cpu_mult,
-        )
+    return result
+
+
+def report_layer_loss(args, runs: dict, passes: int) -> dict:
+    ll_plain, ll = median_of(runs["plain_ll"], "total_s"), median_of(runs["layer_loss"], "total_s")
+    mult = ll / ll_plain
+    cpu_mult = median_of(runs["layer_loss"], "cpu_s") / median_of(runs["plain_ll"], "cpu_s")
+    print(
+        f"(c) layer-removal loss, blocks {args.blocks}, {args.layer_loss_samples} samples: "
+        f"{ll:.3f} s = {mult:.2f} x one plain pass over them ({ll_plain:.3f} s); "
+        f"{passes} passes -> {mult / passes:.3f} x plain per pass "
+        f"(process CPU time: {cpu_mult:.2f} x, {cpu_mult / passes:.3f} per pass)"
+    )
+    full = median_of(runs["layer_loss_full"], "total_s")
+    print(
+        f"    the same as full passes (importance.layer_cache_gb=0): {full:.3f} s = "
+        f"{full / ll_plain:.2f} x plain; cached / full = {ll / full:.3f}"
+    )
+    return dict(
+        layer_loss_full_s=full,
+        layer_loss_cached_over_full=ll / full,
+        layer_loss_s=ll,
+        layer_loss_plain_s=ll_plain,
+        layer_loss_multiple=mult,
+        layer_loss_passes=passes,
+        layer_loss_per_pass=mult / passes,
+        layer_loss_cpu_multiple=cpu_mult,
+    )
+
+
+def report_cli(args, cli: dict) -> dict:
+    """Print the end-to-end figures; returns them for the JSON line."""
+    cr = cli["runs"]
+    wall = {k: median_of(rs, "wall_s") for k, rs in cr.items()}
+    inner = {k: median_of(rs, "inner_s") for k, rs in cr.items()}
+    rows = []
+    for k, rs in cr.items():
+        txt = f"{inner[k]:.2f}" if inner[k] is not None else "-"
+        rss = median_of(rs, "peak_rss_bytes") / harness.GIB
+        rows.append(dict(label=CLI_LABELS[k], wall=wall[k], inner=txt, rss=rss))
+    titles = dict(label=f"end to end (medians of {args.cli_repeats})", wall="wall s")
+    titles.update(inner="in-proc s", rss="peak RSS GiB")
+    print(
+        "\n" + harness.fixed_table("{label:<40}{wall:>9.2f}{inner:>11}{rss:>14.2f}", titles, rows)
+    )
+    ev_w, ev_i = wall["evaluate"], inner["evaluate"]
+    cli_res = {"ckpt": cli["ckpt"], "commands": cli["commands"]}
+    for key, rs in cr.items():
+        cli_res[key] = harness.summary(rs)
+        if key != "evaluate":
+            w, i = wall[key], inner[key]
+            cli_res[f"{key}_over_evaluate_wall"] = w / ev_w
+            cli_res[f"{key}_over_evaluate_inner"] = i / ev_i if i and ev_i else None
+            inner_ratio = f"{i / ev_i:.2f}" if i and ev_i else "-"
+            print(f"  {CLI_LABELS[key]} / evaluate: wall {w / ev_w:.2f}, in-process {inner_ratio}")
+    print("wall s: whole process; in-proc s: the command's own `seconds` (imports excluded)")
+    return cli_res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = harness.load_before()
+    cli = None if args.no_cli else run_cli(args)
+    inproc = run_in_process(args)
+    result = report_in_process(args, inproc)
     if cli is not None:
-        cr = cli["runs"]
-        print(f"\n{'end to end (medians of ' + str(args.cli_repeats) + ')':<40}", end="")
-        print(f"{'wall s':>9}{'in-proc s':>11}{'peak RSS GiB':>14}")
-        for key, rs in cr.items():
-            wall, inner = bih.median(rs, "wall_s"), bih.median(rs, "inner_s")
-            rss = bih.median(rs, "peak_rss_bytes")
-            inner_txt = f"{inner:.2f}" if inner is not None else "-"
-            print(f"{CLI_LABELS[key]:<40}{wall:>9.2f}{inner_txt:>11}{rss / bih.GIB:>14.2f}")
-        ev_w, ev_i = bih.median(cr["evaluate"], "wall_s"), bih.median(cr["evaluate"], "inner_s")
-        cli_res = {"ckpt": cli["ckpt"], "commands": cli["commands"]}
-        for key, rs in cr.items():
-            cli_res[key] = bih.summary(rs)
-            if key != "evaluate":
-                w, i = bih.median(rs, "wall_s"), bih.median(rs, "inner_s")
-                cli_res[f"{key}_over_evaluate_wall"] = w / ev_w
-                cli_res[f"{key}_over_evaluate_inner"] = i / ev_i if i and ev_i else None
-                inner_ratio = f"{i / ev_i:.2f}" if i and ev_i else "-"
-                print(
-                    f"  {CLI_LABELS[key]} / evaluate: wall {w / ev_w:.2f}, in-process {inner_ratio}"
-                )
-        print("wall s: whole process; in-proc s: the command's own `seconds` (imports excluded)")
-        result["cli"] = cli_res
-    load_after = os.getloadavg()[0]
-    print(f"1-min load average: {load_before:.2f} before, {load_after:.2f} after")
-    return {
+        result["cli"] = report_cli(args, cli)
+    load_after = harness.load_after(load_before)
+    out = {
         "benchmark": "importance",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host_cpus": os.cpu_count(),
+        **harness.host_info(load_before, load_after),
         "torch_threads": torch.get_num_threads(),
-        "loadavg_1min_before": round(load_before, 2),
-        "loadavg_1min_after": round(load_after, 2),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "params": inproc["params"],
         "arch": {k: inproc["arch"][k] for k in ("num_layers", "hidden_size", "ffn_hidden_size")},
@@ -458,16 +446,7 @@ def report(args, inproc: dict, cli: dict | None, load_before: float) -> dict:
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
         "in_process_runs": inproc["runs"],
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"note: 1-min load average is {load_before:.2f}; other work skews the timings")
-    cli = None if args.no_cli else run_cli(args)
-    inproc = run_in_process(args)
-    print(json.dumps(report(args, inproc, cli, load_before), sort_keys=True, default=str))
+    print(json.dumps(out, sort_keys=True, default=str))
     return 0
 
 

@@ -17,7 +17,7 @@ What it does:
    and arch in ``scores.json`` (``minitron_mcore.importance.scores.Scores.save``), so ``prune``
    accepts it.
 3. For each repeat, measures as whole subprocesses (interpreter start and imports included),
-   with ``bench_import_hf.measure`` (wall time; peak RSS from ``/usr/bin/time -v``, the kernel's
+   with ``harness.measure`` (wall time; peak RSS from ``/usr/bin/time -v``, the kernel's
    high-water mark of the largest process of the tree; the psutil tree-sum as an upper bound):
 
    - ``width``: ``python -m minitron_mcore prune load=CKPT scores=SCORES save=OUT
@@ -39,18 +39,16 @@ tail, if a step fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_import_hf as bih  # noqa: E402  (the sibling benchmark: model writer, measure())
+import bench_import_hf as bih  # noqa: E402  (the sibling benchmark: model writer, its table)
+import harness  # noqa: E402
+from harness import GIB  # noqa: E402
 
-GIB = bih.GIB
 SEED = 1234
 AGG = "mean-l2"
 SIDES = {"width": "prune width", "depth": "prune depth"}
@@ -68,13 +66,10 @@ print(json.dumps({"seconds": round(time.perf_counter() - t0, 3)}))
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="/tmp/minitron_bench", help="model cache and outputs")
-    p.add_argument("--repeats", type=int, default=1, help="measured runs of each prune")
-    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints")
-    p.add_argument("--num-layers", type=int, default=bih.LLAMA_1B["num_hidden_layers"])
-    p.add_argument("--vocab-size", type=int, default=bih.LLAMA_1B["vocab_size"])
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__)
+    harness.add_runs_args(p, "measured runs of each prune", keep_help="keep the pruned checkpoints")
+    bih.add_model_args(p)
     p.add_argument("--target-hidden", type=int, default=1536, help="width run hidden_size")
     p.add_argument("--target-ffn", type=int, default=6144, help="width run ffn_hidden_size")
     p.add_argument("--target-layers", type=int, default=8, help="depth run num_layers")
@@ -153,27 +148,22 @@ def prune_cmd(ckpt: str, scores: str, out: str, targets: list[str]) -> list[str]
 
 
 def print_table(runs: dict, startup: list, ckpt_bytes: int, out_bytes: dict, ref: dict) -> None:
-    print()
-    print(
-        f"{'':<14}{'run':>4}{'wall s':>9}{'in-proc s':>11}{'peak RSS GiB':>14}"
-        f"{'tree sum GiB':>14}{'procs':>7}{'out GiB':>9}{'RSS/ckpt':>10}{'RSS/(src+dst)':>15}"
-    )
+    start = ("{side:<14}" + bih.RUN_ROW).replace("{tree_w}", "14")
+    row = start + "{out:>9.2f}{per_ckpt:>10.2f}{per_both:>15.2f}"
+    rows = []
     for key, rs in runs.items():
         for i, r in enumerate(rs):
-            inner = f"{r.inner_s:.1f}" if r.inner_s is not None else "-"
-            print(
-                f"{SIDES[key]:<14}{i + 1:>4}{r.wall_s:>9.1f}{inner:>11}"
-                f"{r.peak_rss_bytes / GIB:>14.2f}{r.sampled_tree_rss_bytes / GIB:>14.2f}"
-                f"{r.max_procs:>7}{out_bytes[key] / GIB:>9.2f}"
-                f"{r.peak_rss_bytes / ckpt_bytes:>10.2f}"
-                f"{r.peak_rss_bytes / (ckpt_bytes + out_bytes[key]):>15.2f}"
-            )
+            out = out_bytes[key]
+            ratios = dict(per_ckpt=r.peak_rss_bytes / ckpt_bytes)
+            ratios["per_both"] = r.peak_rss_bytes / (ckpt_bytes + out)
+            rows.append(bih.run_row(i, r, side=SIDES[key], out=out / GIB, **ratios))
     for i, r in enumerate(startup):
-        print(
-            f"{'start-up only':<14}{i + 1:>4}{r.wall_s:>9.1f}{r.inner_s or 0:>11.1f}"
-            f"{r.peak_rss_bytes / GIB:>14.2f}{r.sampled_tree_rss_bytes / GIB:>14.2f}"
-            f"{r.max_procs:>7}"
-        )
+        inner = f"{r.inner_s or 0:.1f}"
+        rows.append(start.format(**dict(bih.run_row(i, r, side="start-up only"), inner=inner)))
+    titles = dict(bih.RUN_TITLES, side="", tree="tree sum GiB", out="out GiB")
+    titles.update(per_ckpt="RSS/ckpt", per_both="RSS/(src+dst)")
+    print()
+    print(harness.fixed_table(row, titles, rows))
     print(f"peak RSS: {runs['width'][0].rss_method}; tree sum: psutil, every 50 ms (upper bound)")
     print("in-proc s: the command's own `seconds` (imports excluded); out: pruned weights/")
     print("start-up only: python + imports + a 1-rank parallel context (the fixed cost)")
@@ -200,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[src["dtype"]]
     ref = {"src_layer_bytes": layer_bytes(src["arch"], nbytes)}
 
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"note: 1-min load average is {load_before:.2f}; other work skews the timings")
+    load_before = harness.load_before()
     targets = {
         "width": [
             f"prune.target.hidden_size={args.target_hidden}",
@@ -215,26 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     out_bytes, metrics = {}, {}
     for i in range(args.repeats):
         print(f"[{i + 1}/{args.repeats}] start-up baseline ...", flush=True)
-        cmd = [sys.executable, "-c", STARTUP_CODE]
-        run = bih.measure("start-up", cmd, time_file)
-        if run.returncode != 0:
-            bih.fail(run, cmd)
-        startup.append(run)
+        startup.append(
+            harness.measure_ok("start-up", [sys.executable, "-c", STARTUP_CODE], time_file)
+        )
         for key in SIDES:
             out = os.path.join(prune_dir, f"out-{key}-{i + 1}")
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(out + ".partial", ignore_errors=True)
-            cmd = prune_cmd(ckpt, scores, out, targets[key])
+            bih._clear(out)
             print(f"[{i + 1}/{args.repeats}] {SIDES[key]} ...", flush=True)
-            run = bih.measure(SIDES[key], cmd, time_file)
-            if run.returncode != 0:
-                bih.fail(run, cmd)
+            run = harness.measure_ok(
+                SIDES[key], prune_cmd(ckpt, scores, out, targets[key]), time_file
+            )
             runs[key].append(run)
             out_bytes[key] = weights_dir_bytes(out)
-            metrics[key] = bih._last_json_line(run.stdout) or {}
+            metrics[key] = harness.last_json_line(run.stdout) or {}
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-    load_after = os.getloadavg()[0]
 
     print(f"\nsource: {ckpt} ({src['params'] / 1e9:.3f}B params, {src['dtype']})")
     for key in SIDES:
@@ -244,15 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {SIDES[key]}: {' '.join(targets[key])} -> {after_txt}", end="")
         print(f", kept layers {m.get('kept_layers')}" if key == "depth" else "")
     print_table(runs, startup, ckpt_bytes, out_bytes, ref)
-    print(f"1-min load average: {load_before:.2f} before, {load_after:.2f} after")
+    load_after = harness.load_after(load_before)
 
     result = {
         "benchmark": "prune",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host_cpus": os.cpu_count(),
-        "loadavg_1min_before": round(load_before, 2),
-        "loadavg_1min_after": round(load_after, 2),
-        "python": platform.python_version(),
+        **harness.host_info(load_before, load_after),
         "params": src["params"],
         "dtype": src["dtype"],
         "spec": {k: spec[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
@@ -260,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         "ckpt": ckpt,
         "ckpt_bytes": ckpt_bytes,
         "src_layer_bytes": ref["src_layer_bytes"],
-        "import_hf": bih.summary([import_run]) if import_run else None,
-        "startup": bih.summary(startup),
+        "import_hf": harness.summary([import_run]) if import_run else None,
+        "startup": harness.summary(startup),
     }
     for key, rs in runs.items():
-        rss = bih.median(rs, "peak_rss_bytes")
+        rss = harness.median_of(rs, "peak_rss_bytes")
         result[key] = {
-            **bih.summary(rs),
+            **harness.summary(rs),
             "targets": targets[key],
             "params_after": metrics[key].get("params_after"),
             "kept_layers": metrics[key].get("kept_layers"),

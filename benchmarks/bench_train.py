@@ -77,7 +77,6 @@ best bf16 ``torch.mm`` rate measured in this run (which is printed for every GPU
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -85,9 +84,12 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import guarded, load_note  # noqa: E402  (bench_distill.py imports them from here)
 
 LR = 3e-4
 BETAS = (0.9, 0.95)
@@ -96,37 +98,21 @@ WEIGHT_DECAY = 0.1
 CLIP = 1.0
 SEED = 1234
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The model's shape: our flags, ModelArch's fields and the Hugging Face config's, in one order.
+ARCH_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads")
+ARCH_FLAGS += ("vocab_size",)
+ARCH_NAMES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+ARCH_NAMES += ("num_query_groups", "vocab_size")
+HF_NAMES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+HF_NAMES += ("num_key_value_heads", "vocab_size")
 
 
 # Defaults per --device. cpu: a 19.27M-parameter Llama-shaped model. cuda: Llama-3.1-8B's
 # shapes with 4 of its 32 layers (see the module docstring for why it fits).
+_RUN = ("steps", "warmup", "seq_len", "micro_batch", "precision")
 DEFAULTS = {
-    "cpu": dict(
-        steps=5,
-        warmup=2,
-        seq_len=256,
-        micro_batch=8,
-        precision="fp32,bf16",
-        num_layers=8,
-        hidden_size=384,
-        ffn_hidden_size=1024,
-        num_heads=6,
-        num_kv_heads=3,
-        vocab_size=8192,
-    ),
-    "cuda": dict(
-        steps=10,
-        warmup=3,
-        seq_len=4096,
-        micro_batch=2,
-        precision="bf16",
-        num_layers=4,
-        hidden_size=4096,
-        ffn_hidden_size=14336,
-        num_heads=32,
-        num_kv_heads=8,
-        vocab_size=128256,
-    ),
+    "cpu": dict(zip(_RUN + ARCH_FLAGS, (5, 2, 256, 8, "fp32,bf16", 8, 384, 1024, 6, 3, 8192))),
+    "cuda": dict(zip(_RUN + ARCH_FLAGS, (10, 3, 4096, 2, "bf16", 4, 4096, 14336, 32, 8, 128256))),
 }
 
 
@@ -134,8 +120,15 @@ def _default(name: str) -> str:
     return f"(cpu {DEFAULTS['cpu'][name]}, cuda {DEFAULTS['cuda'][name]})"
 
 
+def add_arch_args(p, defaults: dict | None = None, help=lambda flag: None) -> None:
+    """``--num-layers`` ... ``--vocab-size`` (``ARCH_FLAGS``)."""
+    for flag in ARCH_FLAGS:
+        default = (defaults or {}).get(flag)
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=default, help=help(flag))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--steps", type=int, help="timed steps per run " + _default("steps"))
     p.add_argument(
@@ -148,12 +141,7 @@ def parse_args(argv=None):
         help="= global batch (no accumulation) " + _default("micro_batch"),
     )
     p.add_argument("--precision", help="comma list of fp32, bf16 (cuda: bf16 only)")
-    p.add_argument("--num-layers", type=int, help=_default("num_layers"))
-    p.add_argument("--hidden-size", type=int, help=_default("hidden_size"))
-    p.add_argument("--ffn-hidden-size", type=int, help=_default("ffn_hidden_size"))
-    p.add_argument("--num-heads", type=int, help=_default("num_heads"))
-    p.add_argument("--num-kv-heads", type=int, help=_default("num_kv_heads"))
-    p.add_argument("--vocab-size", type=int, help=_default("vocab_size"))
+    add_arch_args(p, help=_default)
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
     )
@@ -161,7 +149,7 @@ def parse_args(argv=None):
     for name, value in DEFAULTS[args.device].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    args.precisions = harness.csv(args.precision)
     bad = [x for x in args.precisions if x not in DTYPES]
     if bad or not args.precisions:
         p.error(f"--precision: unknown {bad}; use a comma list of {sorted(DTYPES)}")
@@ -174,18 +162,38 @@ def parse_args(argv=None):
     return args
 
 
-def make_arch(args):
+def llama_arch(shape, seq_len: int):
+    """A Llama ``ModelArch`` of ``shape`` (values in ``ARCH_NAMES``' order)."""
     from minitron_mcore.models.arch import ModelArch
 
-    return ModelArch(
-        family="llama",
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_heads,
-        num_query_groups=args.num_kv_heads,
-        vocab_size=args.vocab_size,
-        max_position_embeddings=max(2048, args.seq_len),
+    fields = dict(zip(ARCH_NAMES, shape))
+    return ModelArch(family="llama", **fields, max_position_embeddings=max(2048, seq_len))
+
+
+def make_arch(args):
+    return llama_arch([getattr(args, f) for f in ARCH_FLAGS], args.seq_len)
+
+
+def train_config(steps: int, seq_len: int, batch: int, precision: str, **kw):
+    """Our ``TrainConfig`` with the benchmarks' optimizer settings (constant LR, one
+    micro-batch per step); ``kw``: any other field."""
+    from minitron_mcore.train.config import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        seq_length=seq_len,
+        global_batch_size=batch,
+        micro_batch_size=batch,
+        lr=LR,
+        min_lr=LR,
+        warmup_steps=0,
+        decay_style="constant",
+        weight_decay=WEIGHT_DECAY,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        clip_grad=CLIP,
+        precision=precision,
+        **kw,
     )
 
 
@@ -247,12 +255,7 @@ def hf_model(arch, **config_kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.ffn_hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_query_groups,
+        **{hf: getattr(arch, name) for hf, name in zip(HF_NAMES, ARCH_NAMES)},
         max_position_embeddings=arch.max_position_embeddings,
         rope_theta=arch.rotary_base,
         rms_norm_eps=arch.norm_epsilon,
@@ -281,44 +284,32 @@ def hf_adamw(model, **kw):
     )
 
 
-def run_transformers(args, arch, precision: str, batches) -> dict:
-    model = hf_model(arch)
+def hf_update(model, opt, loss) -> float:
+    """The plain loop's update: backward, ``clip_grad_norm_``, optimizer step, ``zero_grad``."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def run_transformers(args, arch, precision: str, batches, device: str = "cpu") -> dict:
+    """The plain loop; on a GPU: fp32 parameters made there, bf16 autocast, fused AdamW."""
+    cuda = device == "cuda"
+    with torch.device(device):
+        model = hf_model(arch, **({"attn_implementation": "sdpa"} if cuda else {}))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = hf_adamw(model)
+    opt = hf_adamw(model, **({"fused": True} if cuda else {}))
 
     def step(batch):
-        tokens = batch[:, :-1].contiguous()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        tokens = batch[:, :-1].contiguous().to(device)  # [b, s]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return hf_update(model, opt, loss)
 
-    return timed_loop(args, step, batches, n_params=n_params)
-
-
-def run_transformers_cuda(args, arch, precision: str, batches) -> dict:
-    """The same loop on the GPU: fp32 parameters made there, bf16 autocast, fused AdamW."""
-    with torch.device("cuda"):
-        model = hf_model(arch, attn_implementation="sdpa")
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = hf_adamw(model, fused=True)
-
-    def step(batch):
-        tokens = batch[:, :-1].contiguous().to("cuda")  # [b, s]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return timed_loop(args, step, batches, n_params=n_params, sync=torch.cuda.synchronize)
+    sync = torch.cuda.synchronize if cuda else None
+    return timed_loop(args, step, batches, n_params=n_params, sync=sync)
 
 
 # ---------------------------------------------------------------------------------------- ours
@@ -330,7 +321,6 @@ def run_ours(args, arch, precision: str, batches, details: dict | None = None) -
     from minitron_mcore.models.build import build_model_for_stage
     from minitron_mcore.parallel import ParallelConfig, set_seed, to_device
     from minitron_mcore.train import fast_paths
-    from minitron_mcore.train.config import TrainConfig
     from minitron_mcore.train.optim import (
         attach_to_config,
         build_optimizer,
@@ -341,21 +331,8 @@ def run_ours(args, arch, precision: str, batches, details: dict | None = None) -
     from minitron_mcore.train.step import lm_forward_step, train_step
 
     total_steps = args.warmup + args.steps
-    train_cfg = TrainConfig(
-        steps=total_steps,
-        seq_length=args.seq_len,
-        global_batch_size=args.micro_batch,
-        micro_batch_size=args.micro_batch,
-        lr=LR,
-        min_lr=LR,
-        warmup_steps=0,
-        decay_style="constant",
-        weight_decay=WEIGHT_DECAY,
-        adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1],
-        clip_grad=CLIP,
-        precision=precision,
-    )  # every other key at its default (auto): the engine's choice for this device
+    # every other key at its default (auto): the engine's choice for this device
+    train_cfg = train_config(total_steps, args.seq_len, args.micro_batch, precision)
     set_seed(SEED)
     model_kw = fast_paths.model_kwargs(train_cfg, ParallelConfig())
     model = build_model_for_stage(arch, DTYPES[precision], **model_kw)
@@ -400,81 +377,25 @@ def engine_details(model, model_kw: dict, dist_opt: bool) -> dict:
 
 
 def timed_loop(args, step, batches, n_params: int, sync=None) -> dict:
-    """Warm-up, then timed steps; ``sync`` (a GPU's synchronize) brackets every timed step, so
-    a step's time includes all the device work it queued."""
-    sync = sync or (lambda: None)
-    losses = []
-    for batch in batches[: args.warmup]:
-        losses.append(step(batch))
-    sync()
-    t0 = time.perf_counter()
-    step_times, cpu_times = [], []
-    for batch in batches[args.warmup : args.warmup + args.steps]:
-        s0, c0 = time.perf_counter(), time.process_time()
-        losses.append(step(batch))
-        sync()
-        step_times.append(time.perf_counter() - s0)
-        cpu_times.append(time.process_time() - c0)
-    elapsed = time.perf_counter() - t0
+    """Warm-up, then timed steps (``harness.timed_steps``); tokens/s from the median step."""
+    batches = batches[: args.warmup + args.steps]
+    r = harness.timed_steps({"step": step}, batches, args.warmup, sync)["step"]
     tokens = args.micro_batch * args.seq_len
-    median = statistics.median(step_times)
-    cpu_median = statistics.median(cpu_times)
+    median = statistics.median(r["step_s"])
+    cpu_median = statistics.median(r["cpu_s"])
     return {
         "ok": True,
         "tokens_per_s": tokens / median,
-        "tokens_per_s_mean": tokens * args.steps / elapsed,
+        "tokens_per_s_mean": tokens * args.steps / sum(r["step_s"]),
         "tokens_per_cpu_s": tokens / cpu_median,
         "cpu_s_median": cpu_median,
         "step_s_median": median,
-        "step_s_min": min(step_times),
-        "step_s_max": max(step_times),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
+        "step_s_min": min(r["step_s"]),
+        "step_s_max": max(r["step_s"]),
+        "loss_first": r["losses"][0],
+        "loss_last": r["losses"][-1],
         "params_built": n_params,
     }
-
-
-def guarded(fn, *a) -> dict:
-    try:
-        return fn(*a)
-    except Exception as e:  # noqa: BLE001 - a failed precision is reported, not fatal
-        tb = traceback.format_exc()
-        print(tb, flush=True)
-        return {"ok": False, "error": f"{type(e).__name__}: {e}".strip()[:500]}
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies over all CPUs from /proc/stat; None where it does not exist."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields) - idle, sum(fields)
-
-
-def load_note(when: str) -> dict:
-    """Print how busy the machine is while this process sleeps for a second (i.e. the share of
-    the CPUs other processes use) and the load average; warn when others compete for the cores.
-    The 1-minute load average lags by about a minute, so the sampled share decides the warning."""
-    load = list(os.getloadavg())
-    a = _cpu_times()
-    time.sleep(1.0)
-    b = _cpu_times()
-    others = None
-    if a and b and b[1] > a[1]:
-        others = (b[0] - a[0]) / (b[1] - a[1])
-    busy = others > 0.1 if others is not None else load[0] > torch.get_num_threads() + 0.5
-    warn = "  WARNING: other processes compete for the cores; figures not comparable"
-    warn = warn if busy else ""
-    share = f"{others:.0%}" if others is not None else "n/a"
-    print(
-        f"machine {when}: CPU used by others {share}, load average "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{warn}",
-        flush=True,
-    )
-    return {"others_cpu_share": others, "loadavg": load, "contended": busy}
 
 
 def fmt_rate(x: float) -> str:
@@ -505,17 +426,63 @@ def add_mfu(results: dict, fpt: int, peaks: dict) -> None:
                 r["mfu"] = r["model_flops_per_s"] / peaks[prec]
 
 
-def model_json(args, arch, n_matmul: int) -> dict:
+def run_json(args, arch, n_matmul: int, fpt: int) -> dict:
+    """The JSON line's description of the model and the run."""
+    model = {k: getattr(arch, k) for k in ARCH_NAMES}
+    model.update(params=arch.num_params(), params_matmul=n_matmul)
     return {
-        "num_layers": arch.num_layers,
-        "hidden_size": arch.hidden_size,
-        "ffn_hidden_size": arch.ffn_hidden_size,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_query_groups": arch.num_query_groups,
-        "vocab_size": arch.vocab_size,
-        "params": arch.num_params(),
-        "params_matmul": n_matmul,
+        "model": model,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "flops_per_token": fpt,
     }
+
+
+def run_both(args, arch, batches, wrap=guarded, device="cpu", engine=None) -> dict:
+    """``{side: {precision: figures}}``, each run through ``wrap``."""
+    results: dict[str, dict[str, dict]] = {"transformers": {}, "ours": {}}
+    # The baseline first: see the module docstring (compat layer stays active afterwards).
+    for prec in args.precisions:
+        print(f"transformers {prec} ...", flush=True)
+        results["transformers"][prec] = wrap(run_transformers, args, arch, prec, batches, device)
+
+    from minitron_mcore.parallel import ParallelConfig, parallel_context
+
+    with parallel_context(ParallelConfig(), SEED):
+        for prec in args.precisions:
+            print(f"ours {prec} ...", flush=True)
+            results["ours"][prec] = wrap(run_ours, args, arch, prec, batches, engine)
+    return results
+
+
+# One row per side and precision; the device's own columns go between FLOP/s and the losses.
+ROW = "{side:<13}{prec:<6}{tokens_per_s:>10.0f}{step_s_median:>9.{step_digits}f}{flops:>9.1f}"
+ROW += "{mfu:>8.1%}{extra}{loss:>20}"
+TITLES = dict(side="side", prec="prec", tokens_per_s="tokens/s", step_s_median="s/step")
+TITLES.update(mfu="MFU", loss="loss first->last")
+
+
+def print_results(results: dict, flops_unit: str, step_digits: int, extra: str) -> None:
+    """The table; ``extra``: the device's column as ``{field:>width...}``."""
+    row = ROW.replace("{step_digits}", str(step_digits)).replace("{extra}", extra)
+    rows, scale = [], {"GFLOP/s": 1e9, "TFLOP/s": 1e12}[flops_unit]
+    for name, side in results.items():
+        for prec, r in side.items():
+            if not r["ok"]:
+                rows.append(f"{name:<13}{prec:<6}  FAILED: {r['error']}")
+                continue
+            loss = f"{r['loss_first']:>11.3f} ->{r['loss_last']:>6.3f}"
+            rows.append(
+                dict(r, side=name, prec=prec, flops=r["model_flops_per_s"] / scale, loss=loss)
+            )
+    titles = dict(TITLES, flops=flops_unit, tokens_per_cpu_s="tok/CPU-s", peak_mem_gib="peak GiB")
+    print(harness.fixed_table(row, titles, rows, rule=True))
+
+
+def exit_code(results: dict) -> int:
+    return 1 if any(not r["ok"] for side in results.values() for r in side.values()) else 0
 
 
 def main(argv=None) -> int:
@@ -544,40 +511,12 @@ def main_cpu(args) -> int:
             flush=True,
         )
 
-    batches = make_batches(args, args.warmup + args.steps)
-    results: dict[str, dict[str, dict]] = {"transformers": {}, "ours": {}}
-    # The baseline first: see the module docstring (compat layer stays active afterwards).
-    for prec in args.precisions:
-        print(f"transformers {prec} ...", flush=True)
-        results["transformers"][prec] = guarded(run_transformers, args, arch, prec, batches)
-
-    from minitron_mcore.parallel import ParallelConfig, parallel_context
-
-    with parallel_context(ParallelConfig(), SEED):
-        for prec in args.precisions:
-            print(f"ours {prec} ...", flush=True)
-            results["ours"][prec] = guarded(run_ours, args, arch, prec, batches)
-
+    results = run_both(args, arch, make_batches(args, args.warmup + args.steps))
     load_after = load_note("after")
     add_mfu(results, fpt, {k: v["flops"] for k, v in peaks.items()})
 
     print()
-    header = (
-        f"{'side':<13}{'prec':<6}{'tokens/s':>10}{'s/step':>9}{'GFLOP/s':>9}{'MFU':>8}"
-        f"{'tok/CPU-s':>10}{'loss first->last':>20}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, side in results.items():
-        for prec, r in side.items():
-            if not r["ok"]:
-                print(f"{name:<13}{prec:<6}  FAILED: {r['error']}")
-                continue
-            print(
-                f"{name:<13}{prec:<6}{r['tokens_per_s']:>10.0f}{r['step_s_median']:>9.2f}"
-                f"{r['model_flops_per_s'] / 1e9:>9.1f}{r['mfu']:>8.1%}"
-                f"{r['tokens_per_cpu_s']:>10.0f}{r['loss_first']:>11.3f} ->{r['loss_last']:>6.3f}"
-            )
+    print_results(results, "GFLOP/s", 2, "{tokens_per_cpu_s:>10.0f}")
     print()
     ratios, cpu_ratios = {}, {}
     for prec in args.precisions:
@@ -592,29 +531,13 @@ def main_cpu(args) -> int:
         else:
             ratios[prec] = cpu_ratios[prec] = None
             print(f"ours / transformers tokens/s, {prec}: n/a (a run failed)")
-    print(
-        json.dumps(
-            {
-                "bench": "train",
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine_before": load_before,
-                "machine_after": load_after,
-                "model": model_json(args, arch, n_matmul),
-                "seq_len": args.seq_len,
-                "micro_batch": args.micro_batch,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "flops_per_token": fpt,
-                "peak_flops": {k: v["flops"] for k, v in peaks.items()},
-                "results": results,
-                "ratio_tokens_per_s": ratios,
-                "ratio_tokens_per_cpu_s": cpu_ratios,
-            }
-        )
-    )
-    failed = any(not r["ok"] for side in results.values() for r in side.values())
-    return 1 if failed else 0
+    out = {"bench": "train", "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out.update(machine_before=load_before, machine_after=load_after)
+    out.update(run_json(args, arch, n_matmul, fpt))
+    out["peak_flops"] = {k: v["flops"] for k, v in peaks.items()}
+    out.update(results=results, ratio_tokens_per_s=ratios, ratio_tokens_per_cpu_s=cpu_ratios)
+    print(json.dumps(out))
+    return exit_code(results)
 
 
 # ---------------------------------------------------------------------------------------- cuda
@@ -635,7 +558,7 @@ GPU_BF16_PEAKS = (
     ("gb200", 2500.0, "GB200 (per GPU)"),  # 5,000 with sparsity
     ("b200", 2250.0, "B200 (HGX)"),  # 4,500 with sparsity
 )
-GIB = 2**30
+GIB = harness.GIB
 
 
 def datasheet_peak(device_name: str) -> tuple[float, str] | None:
@@ -691,25 +614,6 @@ def gpu_peak(device_name: str) -> dict:
     return {"flops": flops, "source": source, "measured_mm_flops": mm["flops"]}
 
 
-def print_gpu_table(results: dict) -> None:
-    header = (
-        f"{'side':<13}{'prec':<6}{'tokens/s':>10}{'s/step':>9}{'TFLOP/s':>9}{'MFU':>8}"
-        f"{'peak GiB':>10}{'loss first->last':>20}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, side in results.items():
-        for prec, r in side.items():
-            if not r["ok"]:
-                print(f"{name:<13}{prec:<6}  FAILED: {r['error']}")
-                continue
-            print(
-                f"{name:<13}{prec:<6}{r['tokens_per_s']:>10.0f}{r['step_s_median']:>9.3f}"
-                f"{r['model_flops_per_s'] / 1e12:>9.1f}{r['mfu']:>8.1%}"
-                f"{r['peak_mem_gib']:>10.1f}{r['loss_first']:>11.3f} ->{r['loss_last']:>6.3f}"
-            )
-
-
 def main_cuda(args) -> int:
     if not torch.cuda.is_available():
         print("error: --device cuda: torch sees no CUDA GPU", file=sys.stderr)
@@ -720,21 +624,13 @@ def main_cuda(args) -> int:
     print_model(args, arch, fpt, n_matmul)
     peak = gpu_peak(gpu["name"])
     batches = make_batches(args, args.warmup + args.steps)
-    results: dict[str, dict[str, dict]] = {"transformers": {}, "ours": {}}
-    print("transformers bf16 ...", flush=True)
-    results["transformers"]["bf16"] = on_gpu(run_transformers_cuda, args, arch, "bf16", batches)
-
-    from minitron_mcore.parallel import ParallelConfig, parallel_context
-
     engine: dict = {}
-    with parallel_context(ParallelConfig(), SEED):
-        print("ours bf16 ...", flush=True)
-        results["ours"]["bf16"] = on_gpu(run_ours, args, arch, "bf16", batches, engine)
+    results = run_both(args, arch, batches, wrap=on_gpu, device="cuda", engine=engine)
     print(f"ours: {json.dumps(engine)}", flush=True)
     add_mfu(results, fpt, {"bf16": peak["flops"]})
 
     print()
-    print_gpu_table(results)
+    print_results(results, "TFLOP/s", 3, "{peak_mem_gib:>10.1f}")
     print()
     a, b = results["ours"]["bf16"], results["transformers"]["bf16"]
     ratio = mem_ratio = None
@@ -746,32 +642,14 @@ def main_cuda(args) -> int:
         print(f"ours / transformers tokens/s, bf16: {ratio:.2f}x (peak memory {mem_ratio:.2f}x)")
     else:
         print("ours / transformers tokens/s, bf16: n/a (a run failed)")
-    print(
-        json.dumps(
-            {
-                "bench": "train",
-                "device": "cuda",
-                "torch": torch.__version__,
-                "cuda": torch.version.cuda,
-                "gpu": gpu,
-                "model": model_json(args, arch, n_matmul),
-                "seq_len": args.seq_len,
-                "micro_batch": args.micro_batch,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "flops_per_token": fpt,
-                "peak_flops": {"bf16": peak["flops"]},
-                "peak_flops_source": peak["source"],
-                "measured_mm_flops": {"bf16": peak["measured_mm_flops"]},
-                "ours_engine": engine,
-                "results": results,
-                "ratio_tokens_per_s": {"bf16": ratio},
-                "ratio_peak_memory": {"bf16": mem_ratio},
-            }
-        )
-    )
-    failed = any(not r["ok"] for side in results.values() for r in side.values())
-    return 1 if failed else 0
+    out = {"bench": "train", "device": "cuda", "torch": torch.__version__}
+    out.update(cuda=torch.version.cuda, gpu=gpu, **run_json(args, arch, n_matmul, fpt))
+    out.update(peak_flops={"bf16": peak["flops"]}, peak_flops_source=peak["source"])
+    out.update(measured_mm_flops={"bf16": peak["measured_mm_flops"]}, ours_engine=engine)
+    out.update(results=results, ratio_tokens_per_s={"bf16": ratio})
+    out["ratio_peak_memory"] = {"bf16": mem_ratio}
+    print(json.dumps(out))
+    return exit_code(results)
 
 
 if __name__ == "__main__":

@@ -30,21 +30,21 @@ evaluations through their ``metrics.json``. Prints markdown tables and a final J
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: one thread per process
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import log  # noqa: E402
 from prune_quality import SIZES as PRUNE_SIZES  # noqa: E402
-from prune_quality import cli  # noqa: E402
+from prune_quality import cli, work_and_tokenizer  # noqa: E402
 
 SEQ, GBS = 128, 16  # every training run and evaluation: 16 x 128 tokens per step
 HELD_OUT = 10  # every 10th document of each corpus is validation data
@@ -56,44 +56,29 @@ class Size:
     width: dict  # prune.target.* of the width student
     depth: int  # num_layers of the depth student
     pretrain_steps: int  # teacher pretraining on the code corpus
-    correct_epochs: float  # teacher correction on the docs corpus
-    correct_lr_fraction: float  # its peak LR = pretrain_lr x this (papers: 0.2)
     docs_chars: int  # 0 = every training document of the docs corpus, else a subset
     samples: int  # importance calibration samples
     eval_iters: int  # x 16 held-out sequences per corpus
     lr: float  # peak LR of KD and CE retraining (same schedule)
-    pretrain_lr: float  # teacher pretraining and from-scratch training
+    pretrain_lr: float = 3e-3  # teacher pretraining and from-scratch training
+    correct_epochs: float = 4  # teacher correction on the docs corpus
+    correct_lr_fraction: float = 0.2  # its peak LR = pretrain_lr x this (papers: 0.2)
 
 
+def _width(hidden_size: int, ffn_hidden_size: int, num_attention_heads: int) -> dict:
+    return dict(
+        hidden_size=hidden_size,
+        ffn_hidden_size=ffn_hidden_size,
+        num_attention_heads=num_attention_heads,
+    )
+
+
+# Size's fields in order: teacher, width, depth, pretrain_steps, docs_chars, samples, eval_iters, lr
 SIZES = {
     # 0.92M-parameter teacher, ~170K-token distillation subset: the test's size
-    "tiny": Size(
-        teacher=PRUNE_SIZES["tiny"][0],
-        width={"hidden_size": 96, "ffn_hidden_size": 256, "num_attention_heads": 4},
-        depth=2,
-        pretrain_steps=400,
-        correct_epochs=4,
-        correct_lr_fraction=0.2,
-        docs_chars=300_000,
-        samples=128,
-        eval_iters=8,
-        lr=2e-3,
-        pretrain_lr=3e-3,
-    ),
+    "tiny": Size(PRUNE_SIZES["tiny"][0], _width(96, 256, 4), 2, 400, 300_000, 128, 8, 2e-3),
     # 4.98M-parameter teacher, the whole docs corpus (0.89M training tokens)
-    "small": Size(
-        teacher=PRUNE_SIZES["small"][0],
-        width={"hidden_size": 192, "ffn_hidden_size": 512, "num_attention_heads": 4},
-        depth=3,
-        pretrain_steps=2000,
-        correct_epochs=4,
-        correct_lr_fraction=0.2,
-        docs_chars=0,
-        samples=1024,
-        eval_iters=16,
-        lr=1e-3,
-        pretrain_lr=3e-3,
-    ),
+    "small": Size(PRUNE_SIZES["small"][0], _width(192, 512, 4), 3, 2000, 0, 1024, 16, 1e-3),
 }
 
 # KD loss variants at the first budget (width student): label -> distill.* overrides
@@ -106,10 +91,6 @@ VARIANTS = {
 }
 METHODS = {"kd": "KD from corrected teacher", "ce": "CE fine-tuning", "scratch": "from scratch"}
 CORPORA = ("docs", "code")  # docs = distillation data, code = the teacher's original data
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def timed_cli(*args: str) -> dict:
@@ -370,13 +351,12 @@ def print_tables(results: list[dict], args, meta: dict) -> None:
         f"{GBS}x{SEQ}); KD/CE peak LR {args.lr or size.lr:g}, scratch {size.pretrain_lr:g}, "
         "5 % warmup, cosine to LR/10"
     )
-    head = "| model | budget | docs (distillation) | code (original) |\n|---|---|---:|---:|"
+    corpora = ["docs (distillation)", "code (original)"]
     for name in args.students:
         shape = ", ".join(f"{k} {size.teacher[k]}->{v}" for k, v in size.width.items())
         if name == "depth":
             shape = f"num_layers {size.teacher['num_layers']}->{size.depth}"
         print(f"\n### {name} student ({shape}; {meta['params'][name] / 1e6:.2f}M params)\n")
-        print(head)
         rows = [
             ("teacher (code only)", "-", ["teacher"]),
             ("corrected teacher", "-", ["corrected"]),
@@ -385,16 +365,13 @@ def print_tables(results: list[dict], args, meta: dict) -> None:
         for e in sorted(args.epochs):
             for m in args.methods:
                 rows.append((METHODS[m], f"{e:g} ep", [name, f"{m}-e{e:g}"]))
-        for label, budget, keys in rows:
-            docs, code = (cell(leaf(results, *keys, c)) for c in CORPORA)
-            print(f"| {label} | {budget} | {docs} | {code} |")
+        rows = [[a, b] + [cell(leaf(results, *keys, c)) for c in CORPORA] for a, b, keys in rows]
+        print(harness.markdown_table(["model", "budget", *corpora], rows, "llrr"))
     if "variants" in results[0]:
         e = min(args.epochs)
         print(f"\n### KD loss variants: width student, {e:g} epoch(s)\n")
-        print("| distill loss | docs (distillation) | code (original) |\n|---|---:|---:|")
-        for label in VARIANTS:
-            docs, code = (cell(leaf(results, "variants", label, c)) for c in CORPORA)
-            print(f"| {label} | {docs} | {code} |")
+        rows = [[v] + [cell(leaf(results, "variants", v, c)) for c in CORPORA] for v in VARIANTS]
+        print(harness.markdown_table(["distill loss", *corpora], rows, "lrr"))
         for c in CORPORA:
             best = min(VARIANTS, key=lambda v: statistics.mean(leaf(results, "variants", v, c)))
             print(f"best on {c}: {best}")
@@ -420,10 +397,10 @@ def margins(mean: dict, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--work-dir", default="", help="reused: finished runs are not repeated")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    harness.add_seeds(ap)
     ap.add_argument("--epochs", type=float, nargs="+", default=[1, 4], help="budgets, in epochs")
     ap.add_argument("--students", nargs="+", choices=["width", "depth"], default=["width", "depth"])
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -432,14 +409,9 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", help="training precision (eval is fp32)")
     args = ap.parse_args()
     t0 = time.time()
-    work = args.work_dir or tempfile.mkdtemp(prefix="minitron_distill_quality_")
-    os.makedirs(work, exist_ok=True)
+    work, tok = work_and_tokenizer(args.work_dir, "minitron_distill_quality_")
     from minitron_mcore.checkpoint.megatron import read_meta
-    from minitron_mcore.testing.hf_models import make_tokenizer
 
-    tok = os.path.join(work, "tokenizer")
-    if not os.path.isdir(tok):
-        make_tokenizer(tok)
     files = split_corpora(work, SIZES[args.size].docs_chars)
     data = tokenize(files, tok, os.path.join(work, "data"))
     per_seed = {}

@@ -20,7 +20,6 @@ target.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,6 +28,9 @@ import sys
 import tempfile
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 AGGS = [f"{s}-{b}" for s in ("mean", "l2") for b in ("mean", "l2", "var")]
 PAPERS = "mean-l2"
@@ -67,17 +69,31 @@ SIZES = {
 }
 
 
-LAUNCH: list[str] = []  # e.g. torchrun --standalone --nproc-per-node 8 (set by --nproc)
+NPROC = 1  # processes per command, under torch.distributed.run when > 1 (set by --nproc)
 PARALLEL: list[str] = []  # e.g. parallel.tp=8 (set by --tp)
 
 
 def cli(*args: str) -> dict:
-    cmd = [*LAUNCH, "-m", "minitron_mcore"] if LAUNCH else [sys.executable, "-m", "minitron_mcore"]
+    """``python -m minitron_mcore ARGS`` in a fresh process: its metrics (last stdout line)."""
+    cmd = [*harness.python_cmd(NPROC), "-m", "minitron_mcore"]
     extra = PARALLEL if args[0] in ("import-hf", "importance", "prune", "evaluate") else []
     r = subprocess.run([*cmd, *args, *extra], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"minitron {args[0]} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def work_and_tokenizer(work_dir: str, prefix: str) -> tuple[str, str]:
+    """The work directory (a new temporary one if ``work_dir`` is empty) and the BPE tokenizer
+    made in it once."""
+    from minitron_mcore.testing.hf_models import make_tokenizer
+
+    work = work_dir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work, exist_ok=True)
+    tok = os.path.join(work, "tokenizer")
+    if not os.path.isdir(tok):
+        make_tokenizer(tok)
+    return work, tok
 
 
 def random_scores(src: str, dst: str, seed: int) -> None:
@@ -211,7 +227,7 @@ def describe(size: str, target: str, custom: dict | None = None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__)
     ap.add_argument(
         "--work-dir",
         default="",
@@ -224,13 +240,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1024, help="calibration samples")
     ap.add_argument("--eval-iters", type=int, default=16, help="x 16 sequences held out")
     ap.add_argument("--random-seeds", type=int, default=3)
-    ap.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[1234],
-        help="pretraining/calibration seeds; one model per seed",
-    )
+    harness.add_seeds(ap, "pretraining/calibration seeds; one model per seed")
     ap.add_argument("--hf-model", default="", help="import this HF model instead of pretraining")
     ap.add_argument(
         "--target",
@@ -248,20 +258,14 @@ def main() -> None:
     if args.hf_model and not args.target:
         ap.error("--hf-model needs --target FIELD=VALUE ...")
     custom = dict(t.split("=", 1) for t in args.target) or None
-    if args.nproc > 1:
-        LAUNCH[:] = ["torchrun", "--standalone", f"--nproc-per-node={args.nproc}"]
+    global NPROC
+    NPROC = args.nproc
     if args.tp > 1:
         PARALLEL[:] = [f"parallel.tp={args.tp}"]
-    work = args.work_dir or tempfile.mkdtemp(prefix="minitron_quality_")
-    os.makedirs(work, exist_ok=True)
-    from minitron_mcore.testing.hf_models import make_tokenizer
-
-    tok = os.path.join(work, "tokenizer")
-    if not os.path.isdir(tok):
-        make_tokenizer(tok)
+    work, tok = work_and_tokenizer(args.work_dir, "minitron_quality_")
     per_seed = {}
     for seed in args.seeds:
-        print(f"seed {seed}", file=sys.stderr, flush=True)
+        harness.log(f"seed {seed}")
         per_seed[seed] = run(
             os.path.join(work, f"seed{seed}"),
             tok,
@@ -272,7 +276,7 @@ def main() -> None:
             size=args.size,
             targets=args.targets,
             eval_iters=args.eval_iters,
-            log=lambda m: print(m, file=sys.stderr, flush=True),
+            log=harness.log,
             hf_model=args.hf_model,
             custom_target=custom,
             train_data=args.train_data,

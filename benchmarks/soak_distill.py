@@ -19,9 +19,9 @@ subprocess (``OMP_NUM_THREADS=1``, as the fixtures run)::
 
 Four micro-batches per step (gradient accumulation), a checkpoint every 250 steps (kept: 2, the
 default, so old versions are deleted as the run goes), TensorBoard and JSONL logs on (the
-defaults), no validation. Every ``--interval`` seconds the script sums ``VmRSS`` from
-``/proc/PID/status`` over the process and its descendants (Megatron's checkpoint writer may
-start some) and pairs the sample with the last step the run has logged (``train_log.jsonl``,
+defaults), no validation. Every ``--interval`` seconds the script sums the RSS (``VmRSS``, read
+by psutil) over the process and its descendants (Megatron's checkpoint writer may start some)
+and pairs the sample with the last step the run has logged (``train_log.jsonl``,
 one flushed line per step: a sample taken while step s+1 runs is paired with s).
 
 Analysis (:func:`analyse`): warm-up = the first ``--warmup`` steps (default 10 % of the run);
@@ -35,7 +35,6 @@ the goal is met, 1 if not, 2 if the run failed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -46,14 +45,15 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import HERE, ROOT, MiB  # noqa: E402
+
 README = os.path.join(HERE, "README.md")
 # The fixtures (imported lazily) and the package, which they import.
 sys.path[:0] = [os.path.join(ROOT, "tests", "reliability"), ROOT]
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 GOAL = 0.02  # growth after warm-up, as a fraction
-MiB = 2**20
 TRAIN = [
     "train.seq_length=64",
     "train.global_batch_size=8",
@@ -67,7 +67,7 @@ TRAIN = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--steps", type=int, default=1000, help="distillation steps")
     p.add_argument("--warmup", type=int, help="steps left out at the start (default: 10 %%)")
     p.add_argument("--window", type=int, help="steps per median window (default: 10 %%)")
@@ -152,29 +152,6 @@ def analyse(samples: list[Sample], steps: int, warmup: int, window: int, goal=GO
 # ------------------------------------------------------------------------------ sampling
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its live descendants, children of any thread included."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(x) for x in f.read().split()]
-        except OSError:  # gone between the listing and the read
-            pass
-    return out
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:")), 0)
-    except OSError:
-        return 0
-
-
 class StepLog:
     """The last step a run has written to its ``train_log.jsonl`` (read incrementally)."""
 
@@ -201,15 +178,18 @@ def run_sampled(cmd: list[str], env: dict, log: StepLog, interval: float, out: s
     """Run ``cmd`` (stdout/stderr to ``out``.stdout/.stderr) sampling RSS every ``interval`` s.
     Returns (returncode, seconds, samples)."""
     samples = []
+
+    def sample():
+        rss = harness.tree_rss(proc.pid)
+        if rss:
+            t = time.monotonic() - t0
+            samples.append(Sample(t, log.last(), sum(rss), rss[0], sum(r > 0 for r in rss)))
+
     with open(out + ".stdout", "w") as so, open(out + ".stderr", "w") as se:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env, cwd=ROOT)
-        while proc.poll() is None:
-            pids = _tree(proc.pid)
-            rss = [_rss(p) for p in pids]
-            t = time.monotonic() - t0
-            samples.append(Sample(t, log.last(), sum(rss), rss[0], sum(r > 0 for r in rss)))
-            time.sleep(interval)
+        with harness.Poller(interval, sample):
+            proc.wait()
         return proc.returncode, time.monotonic() - t0, [s for s in samples if s.rss > 0]
 
 
@@ -246,23 +226,37 @@ def table(r: dict, seconds: float, metrics: dict, load: str) -> str:
     verdict = "**pass**" if r["passed"] else "**fail**"
     w, n = r["window_steps"], r["steps"]
     loop = metrics.get("seconds", float("nan"))
+    rows = [
+        [
+            f"after warm-up: median, steps {r['warmup_steps']}-{r['warmup_steps'] + w} "
+            f"({r['samples_after_warmup']} samples)",
+            _mib(r["rss_after_warmup"]),
+            _mib(r["main_rss_after_warmup"]),
+        ],
+        [
+            f"end: median, steps {n - w}-{n} ({r['samples_end']} samples)",
+            _mib(r["rss_end"]),
+            _mib(r["main_rss_end"]),
+        ],
+        [
+            f"peak, any sample ({r['max_procs']} processes at most)",
+            _mib(r["rss_peak"]),
+            _mib(r["main_rss_peak"]),
+        ],
+        [
+            f"growth, end / after warm-up - 1 (goal < {r['goal']:.0%})",
+            f"{r['growth']:+.2%} {verdict}",
+            f"{r['main_growth']:+.2%}",
+        ],
+    ]
+    header = ["RSS (MiB)", "process tree", "training process"]
     lines = [
         f"{n} steps: the command took {seconds:.0f} s, its training loop {loop:.0f} s "
         f"({loop / n * 1000:.0f} ms/step with the saves, "
         f"{metrics.get('tokens_per_s', float('nan')):.0f} tokens/s); {r['samples']} samples; "
         f"{load}. Written by `benchmarks/soak_distill.py --write`.",
         "",
-        "| RSS (MiB) | process tree | training process |",
-        "|---|---:|---:|",
-        f"| after warm-up: median, steps {r['warmup_steps']}-{r['warmup_steps'] + w} "
-        f"({r['samples_after_warmup']} samples) | {_mib(r['rss_after_warmup'])} "
-        f"| {_mib(r['main_rss_after_warmup'])} |",
-        f"| end: median, steps {n - w}-{n} ({r['samples_end']} samples) | {_mib(r['rss_end'])} "
-        f"| {_mib(r['main_rss_end'])} |",
-        f"| peak, any sample ({r['max_procs']} processes at most) | {_mib(r['rss_peak'])} "
-        f"| {_mib(r['main_rss_peak'])} |",
-        f"| growth, end / after warm-up - 1 (goal < {r['goal']:.0%}) "
-        f"| {r['growth']:+.2%} {verdict} | {r['main_growth']:+.2%} |",
+        harness.markdown_table(header, rows, "lrr"),
         "",
         "Median RSS of the tree per tenth of the run (MiB): "
         + ", ".join(f"{lo}: {_mib(v) if v else '-'}" for lo, v in r["profile"])
@@ -274,9 +268,7 @@ def table(r: dict, seconds: float, metrics: dict, load: str) -> str:
 
 def write_readme(text: str, path: str = README) -> None:
     """Replace the text between the soak markers of ``path`` with ``text``."""
-    from run_catalogue import write_readme as write_section
-
-    write_section(text, BEGIN, END, path)
+    harness.replace_section(text, BEGIN, END, path)
 
 
 def main(argv=None) -> int:
@@ -304,7 +296,7 @@ def main(argv=None) -> int:
             json.dump([dataclasses.asdict(s) for s in samples], f)
         r = analyse(samples, args.steps, args.warmup, args.window)
         with open(save + ".stdout") as f:  # the command's metrics: its last stdout line
-            metrics = json.loads(f.read().strip().splitlines()[-1])
+            metrics = harness.last_json_line(f.read()) or {}
         load_txt = f"1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after"
         text = table(r, seconds, metrics, load_txt)
         print("\n" + text + "\n")
