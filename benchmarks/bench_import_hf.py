@@ -33,6 +33,7 @@ Exit status is non-zero if any measured subprocess fails; its stderr tail is pri
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -136,7 +137,9 @@ def ensure_hf_model(work_dir: str, spec: dict) -> str:
     t0 = time.perf_counter()
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    _write_random_llama(tmp, spec)
+    # A copy: LlamaConfig adds rope_theta to the rope_scaling dict it is given, which would
+    # change the spec stamped below (and LLAMA_1B's) and miss this cache on every later run.
+    _write_random_llama(tmp, copy.deepcopy(spec))
     _stamp(os.path.join(tmp, SPEC_FILE), spec)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
