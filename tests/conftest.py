@@ -11,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
-FAMILIES = ["llama", "llama-tied", "mistral", "qwen2"]
+FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
 
 
 def _env():

@@ -94,3 +94,27 @@ def test_sequence_parallel_equals_plain_tensor_parallel(llama_ckpt, corpora, tmp
     w, sp_w = runs["false-w"], runs["true-w"]
     for k in w:
         assert (sp_w[k] - w[k]).abs().max() <= 1e-5 * w[k].abs().max(), k
+
+
+def test_qwen3_tensor_parallel_training_equals_unsharded(hf_models, corpora, tmp_path):
+    """Qwen3's query/key norm weights are shared by heads that TP=2 splits over two ranks: their
+    gradients are all-reduced over the TP group (Megatron finalize_model_grads, by name), so
+    teacher correction at TP=2 (with sequence parallelism) follows the TP=1 trajectory and ends
+    with the same weights, the q/k norms included."""
+    ckpt = str(tmp_path / "qwen3")
+    minitron("import-hf", f"load={hf_models['qwen3']}", f"save={ckpt}", "dtype=fp32")
+    runs = {}
+    for name, tp, extra in (("tp1", 1, ()), ("tp2", 2, SP)):
+        out = str(tmp_path / name)
+        runs[name] = trajectory(ckpt, corpora["stdlib-code"], out, tp, 1, tp, extra, steps=3)
+        runs[name + "-w"] = canonical_weights(out)
+    for (loss, gn, _), (rloss, rgn, _) in zip(runs["tp2"], runs["tp1"]):
+        assert abs(loss - rloss) <= 1e-4 * rloss and abs(gn - rgn) <= 1e-4 * rgn, runs
+    ref, w = runs["tp1-w"], runs["tp2-w"]
+    norms = [k for k in ref if "q_layernorm" in k or "k_layernorm" in k]
+    assert len(norms) == 2
+    start = canonical_weights(ckpt)
+    for k in norms:  # the norms trained, and alike at TP=2
+        assert not (ref[k] - start[k]).abs().max() == 0, k
+    for k in ref:
+        assert (w[k] - ref[k]).abs().max() <= 1e-4 * ref[k].abs().max(), k

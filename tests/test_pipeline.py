@@ -202,6 +202,14 @@ def test_failing_variant_spares_the_others(finished, tmp_path):
         ),
         ("minitron-4b-depth", ["prune.target.num_layers=2", "importance.block_sizes=[1,2]"]),
         (
+            "qwen3-8b-to-4b",
+            [
+                "peak lr 0.2 x the teacher's recorded peak -> min lr lr/10, 120 warmup steps",
+                "9961 steps x global batch 1152 x 8192 tokens",
+                "94.00B training tokens",
+            ],
+        ),
+        (
             "mn-minitron-8b",
             ["peak lr 0.0001 -> min lr 4.5e-07, 60 warmup steps", "380.00B training tokens"],
         ),
@@ -219,10 +227,74 @@ def test_recipes_dry_run(hf_models, tmp_path, recipe, want):
         "pipeline",
         f"+recipe={recipe}",
         f"run_dir={tmp_path}/run",
-        f"teacher={hf_models['llama']}",
+        f"teacher={hf_models['qwen3' if recipe.startswith('qwen3') else 'llama']}",
         "pipeline.dry_run=true",
         *tiny,
     )
     for w in want:
         assert w in r.stdout, (w, r.stdout[-3000:])
     assert not os.path.exists(f"{tmp_path}/run")
+
+
+def test_report_of_an_imported_teacher_counts_no_training_tokens(tmp_path):
+    """A teacher imported from a Hugging Face directory has an import-hf marker (no train.*):
+    its row has no token count, and the report is written (it raised KeyError: 'train')."""
+    from minitron_mcore.pipeline import report
+
+    marks = {
+        "teacher": {
+            "id": "teacher",
+            "command": "import-hf",
+            "config": {"load": "hf", "save": str(tmp_path / "teacher")},
+            "metrics": {"command": "import-hf", "params": 1000},
+        },
+        "evaluate.teacher.distill": {
+            "id": "evaluate.teacher.distill",
+            "config": {"load": str(tmp_path / "teacher")},
+            "metrics": {"model": "teacher", "corpus": "distill", "valid_loss": 2.0},
+        },
+    }
+    facts = report._model_facts(None, "teacher", marks)
+    assert "tokens" not in facts and facts["params"] is None
+
+
+@pytest.mark.slow
+def test_pipeline_from_a_qwen3_hf_teacher(tokenizer_dir, tmp_path):
+    """Qwen3 end to end: a tiny Qwen3 trained here and exported to a Hugging Face directory is
+    the pipeline's teacher (teacher=HF_DIR): imported, corrected, scored, pruned in width (heads
+    too) and depth, distilled, evaluated, exported; transformers loads every export."""
+    from transformers import AutoModelForCausalLM
+
+    base, hf, out = str(tmp_path / "base"), str(tmp_path / "hf"), str(tmp_path / "run")
+    train = [a.replace("pretrain.", "", 1) for a in TINY if a.startswith("pretrain.train.")]
+    minitron(
+        "pretrain",
+        "model=tiny-qwen3",
+        f"tokenizer={tokenizer_dir}",
+        f"save={base}",
+        "data.train=[demo:stdlib-code]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.lr=3e-3",
+        *train,
+    )
+    minitron("export-hf", f"load={base}", f"save={hf}")
+    _pipeline(
+        out, f"teacher={hf}", "correct.original_lr=3e-3", "students.0.target.num_attention_heads=2"
+    )
+    marks = {f[:-5] for f in os.listdir(os.path.join(out, "stages")) if f.endswith(".json")}
+    assert {"teacher", "distill.width", "distill.depth", "export.width", "export.depth"} <= marks
+    text = open(os.path.join(out, "report.md")).read()
+    assert "`width.distilled`" in text and "`depth.distilled`" in text
+    for name, layers, heads in (("teacher", 4, 4), ("width", 4, 2), ("depth", 2, 4)):
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf", name))
+        c = model.config
+        assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.head_dim) == (
+            "qwen3",
+            layers,
+            heads,
+            32,
+        )
+        norms = [
+            n for n, _ in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))
+        ]
+        assert len(norms) == 2 * layers

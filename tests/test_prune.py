@@ -98,6 +98,9 @@ def _reference_slice(hf_sd: dict, plan: dict, arch) -> dict:
         out[p + "mlp.down_proj.weight"] = hf_sd[s + "mlp.down_proj.weight"][hid][:, n]
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[p + norm + ".weight"] = hf_sd[s + norm + ".weight"][hid]
+        for norm in ("self_attn.q_norm", "self_attn.k_norm"):  # Qwen3: over head_dim, kept whole
+            if s + norm + ".weight" in hf_sd:
+                out[p + norm + ".weight"] = hf_sd[s + norm + ".weight"]
     return out
 
 
@@ -127,7 +130,7 @@ TARGETS = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("target", ["heads", "groups"])
 def test_pruning_keeps_exactly_the_expected_weights(
     family, target, ckpts, hf_models, tokens, tmp_path
@@ -156,12 +159,13 @@ def test_pruning_keeps_exactly_the_expected_weights(
         assert plan["dropped_layers"] == [start, start + 1]
 
 
-def test_pruned_export_matches_megatron_logits(ckpts, tokens, tokens_file, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_pruned_export_matches_megatron_logits(family, ckpts, tokens, tokens_file, tmp_path):
     scores = str(tmp_path / "scores")
-    hand_made_scores(ckpts["qwen2"], scores, seed=5)
+    hand_made_scores(ckpts[family], scores, seed=5)
     out, hf_out = str(tmp_path / "pruned"), str(tmp_path / "hf")
     minitron(
-        "prune", f"load={ckpts['qwen2']}", f"scores={scores}", f"save={out}", *TARGETS["groups"]
+        "prune", f"load={ckpts[family]}", f"scores={scores}", f"save={out}", *TARGETS["groups"]
     )
     minitron("export-hf", f"load={out}", f"save={hf_out}")
     ours = megatron_logits(out, tokens_file, str(tmp_path / "l.st"))

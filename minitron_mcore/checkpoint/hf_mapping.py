@@ -28,9 +28,11 @@ from minitron_mcore.models.canonical import (  # noqa: F401
     FC2,
     FINAL_NORM,
     INPUT_NORM,
+    K_NORM,
     MLP_NORM,
     OUTPUT,
     PROJ,
+    Q_NORM,
     QKV,
     QKV_BIAS,
     global_keys,
@@ -47,8 +49,15 @@ _SIMPLE_LAYER = {
     MLP_NORM: "post_attention_layernorm.weight",
     FC2: "mlp.down_proj.weight",
 }
+_QK_NORMS = {Q_NORM: "self_attn.q_norm.weight", K_NORM: "self_attn.k_norm.weight"}
 
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+def _simple_layer(arch: ModelArch) -> dict[str, str]:
+    """The per-layer tensors that map one to one (canonical key -> HF name in the layer)."""
+    return {**_SIMPLE_LAYER, **(_QK_NORMS if arch.qk_norm else {})}
+
+
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
     "hidden_size",
@@ -121,10 +130,11 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         not cfg.get("attention_bias", False) or model_type == "qwen2",
         "models with attention_bias=true are not supported for model_type " + model_type,
     )
-    if model_type == "qwen2":  # Qwen2's sliding_window only applies with use_sliding_window
+    if model_type in ("qwen2", "qwen3"):  # their sliding_window applies with use_sliding_window
         require(
             not cfg.get("use_sliding_window", False),
-            "Qwen2 sliding-window attention is not supported; set use_sliding_window=false",
+            f"{model_type.capitalize()} sliding-window attention is not supported; set "
+            "use_sliding_window=false",
         )
     else:
         _require_full_attention_window(cfg)
@@ -157,6 +167,7 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         init_std=cfg.get("initializer_range", 0.02),
     )
 
@@ -303,7 +314,7 @@ Getter = Callable[[str], torch.Tensor]
 def hf_layer_to_canonical(get: Getter, i: int, arch: ModelArch) -> dict[str, torch.Tensor]:
     """One layer: HF tensors (read through ``get``) -> canonical Megatron tensors."""
     p = _HF_LAYER.format(i=i)
-    out = {key: get(p + name) for key, name in _SIMPLE_LAYER.items()}
+    out = {key: get(p + name) for key, name in _simple_layer(arch).items()}
     out[QKV] = interleave_qkv(*(get(p + f"self_attn.{x}_proj.weight") for x in "qkv"), arch)
     if arch.qkv_bias:
         out[QKV_BIAS] = interleave_qkv(*(get(p + f"self_attn.{x}_proj.bias") for x in "qkv"), arch)
@@ -329,7 +340,7 @@ def canonical_layer_to_hf(t: dict[str, torch.Tensor], i: int, arch: ModelArch):
     Every key converts on its own, so ``t`` may hold any subset of the layer's keys.
     """
     p = _HF_LAYER.format(i=i)
-    out = {p + name: t[key] for key, name in _SIMPLE_LAYER.items() if key in t}
+    out = {p + name: t[key] for key, name in _simple_layer(arch).items() if key in t}
     for key, suffix in ((QKV, "weight"), (QKV_BIAS, "bias")):
         if key in t:
             for x, w in zip("qkv", split_qkv(t[key], arch)):
@@ -354,7 +365,7 @@ def check_hf_names(names: set[str], arch: ModelArch) -> None:
     missing = []
     for i in range(arch.num_layers):
         p = _HF_LAYER.format(i=i)
-        want = list(_SIMPLE_LAYER.values()) + [f"self_attn.{x}_proj.weight" for x in "qkv"]
+        want = list(_simple_layer(arch).values()) + [f"self_attn.{x}_proj.weight" for x in "qkv"]
         want += ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
         want += [f"self_attn.{x}_proj.bias" for x in "qkv"] if arch.qkv_bias else []
         missing += [p + w for w in want if p + w not in names]

@@ -13,7 +13,7 @@ from typing import Optional
 
 from minitron_mcore.errors import MinitronError, require
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -21,7 +21,8 @@ class ModelArch:
     """Shape and numerics of a Llama-style GPT (RMSNorm, RoPE, SwiGLU, GQA)."""
 
     family: str = "llama"
-    """One of ``llama`` (Llama 3.x), ``mistral`` (Mistral / Mistral NeMo), ``qwen2`` (Qwen2/2.5)."""
+    """``llama`` (Llama 3.x), ``mistral`` (Mistral / Mistral NeMo), ``qwen2`` (Qwen2/2.5) or
+    ``qwen3`` (Qwen3 dense)."""
     num_layers: int = 2
     """Number of transformer layers."""
     hidden_size: int = 64
@@ -49,6 +50,10 @@ class ModelArch:
     """Share the input embedding with the output layer (Llama 3.2 1B/3B, small Qwen2.5)."""
     qkv_bias: bool = False
     """Bias on the fused QKV projection (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm of every query and key head over the head dimension, before RoPE (Qwen3; Megatron
+    ``qk_layernorm``): one weight of ``kv_channels`` values for all query heads, one for all key
+    heads, in every layer."""
     init_std: float = 0.02
     """Std of the normal initialisation when a model is built from scratch."""
 
@@ -102,6 +107,7 @@ class ModelArch:
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn += 2 * d if self.qk_norm else 0
         layer = attn + 3 * h * f + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + emb + h

@@ -51,29 +51,31 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(use_te: bool | None = None):
-    """Megatron layer spec: Transformer Engine on GPU when importable, local otherwise."""
+def layer_spec(use_te: bool | None = None, qk_norm: bool = False):
+    """Megatron layer spec: Transformer Engine on GPU when importable, local otherwise;
+    ``qk_norm``: with the per-head query/key norms (Qwen3)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te is None:
         use_te = have_transformer_engine()
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return local_layer_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    return local_layer_spec(qk_norm)
 
 
-def local_layer_spec():
+def local_layer_spec(qk_norm: bool = False):
     """Megatron's local spec (RMSNorm) with ``SDPAttention`` as the self-attention's
     ``core_attention`` and :class:`~minitron_mcore.models.norm.RMSNorm` as its norms (which
     work with sequence parallelism and on a GPU, where Megatron's ``WrappedTorchNorm`` does
-    not); every other submodule is Megatron's."""
+    not), the query/key norms included with ``qk_norm``; every other submodule is
+    Megatron's."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from minitron_mcore.models.attention import SDPAttention
     from minitron_mcore.models.norm import RMSNorm
 
-    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     attn = spec.submodules.self_attention
     if attn.submodules.core_attention is not DotProductAttention:
         # SDPAttention matches DotProductAttention's contract; anything else there is a
@@ -82,7 +84,8 @@ def local_layer_spec():
             f"Megatron's local spec uses {attn.submodules.core_attention} as core attention, "
             "expected DotProductAttention"
         )
-    attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+    norms = dict(q_layernorm=RMSNorm, k_layernorm=RMSNorm) if qk_norm else {}
+    attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention, **norms)
     layer_sub = dataclasses.replace(
         spec.submodules,
         self_attention=dataclasses.replace(attn, submodules=attn_sub),
@@ -98,7 +101,7 @@ def block_spec(config, use_te: bool):
     norm - given a layer spec alone, Megatron picks the final norm by what is installed (Apex's
     LayerNorm-only ``FusedLayerNorm`` where Apex is, TE's where TE is)."""
     if use_te:
-        return layer_spec(True)
+        return layer_spec(True, config.qk_layernorm)
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -107,7 +110,8 @@ def block_spec(config, use_te: bool):
     from minitron_mcore.models.norm import RMSNorm
 
     n = get_num_layers_to_build(config)
-    return TransformerBlockSubmodules(layer_specs=[local_layer_spec()] * n, layer_norm=RMSNorm)
+    layers = [local_layer_spec(config.qk_layernorm)] * n
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
 
 def _keep_as_allocated(weight: torch.Tensor) -> None:
@@ -163,6 +167,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
         init_method_std=arch.init_std,

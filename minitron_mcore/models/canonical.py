@@ -17,6 +17,8 @@ MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 FC1 = "decoder.layers.mlp.linear_fc1.weight"
 FC2 = "decoder.layers.mlp.linear_fc2.weight"
 EMBED = "embedding.word_embeddings.weight"
+Q_NORM = "decoder.layers.self_attention.q_layernorm.weight"
+K_NORM = "decoder.layers.self_attention.k_layernorm.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT = "output_layer.weight"
 
@@ -44,7 +46,7 @@ def split_qkv(qkv: torch.Tensor, arch: ModelArch):
 def layer_keys(arch: ModelArch) -> list[str]:
     """The per-layer canonical tensors of ``arch``."""
     keys = [QKV, PROJ, INPUT_NORM, MLP_NORM, FC1, FC2]
-    return keys + ([QKV_BIAS] if arch.qkv_bias else [])
+    return keys + ([QKV_BIAS] if arch.qkv_bias else []) + ([Q_NORM, K_NORM] if arch.qk_norm else [])
 
 
 def layer_shapes(arch: ModelArch) -> dict[str, tuple]:
@@ -61,6 +63,8 @@ def layer_shapes(arch: ModelArch) -> dict[str, tuple]:
     }
     if arch.qkv_bias:
         shapes[QKV_BIAS] = (qkv,)
+    if arch.qk_norm:
+        shapes[Q_NORM] = shapes[K_NORM] = (d,)
     return shapes
 
 

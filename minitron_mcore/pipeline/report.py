@@ -61,7 +61,7 @@ def _model_facts(cfg, name: str, marks: dict) -> dict:
     if m and stage == "importance":
         seq = marks[stage]["config"]["importance"]["seq_length"]
         facts["tokens"], facts["tokens_what"] = m.get("num_samples", 0) * seq, "calibration"
-    elif m:
+    elif m and "train" in marks[stage]["config"]:  # (an imported teacher trained nothing here)
         seq = marks[stage]["config"]["train"]["seq_length"]
         facts["tokens"] = m.get("step", 0) * m.get("global_batch_size", 0) * seq
         facts["tokens_what"] = {"teacher": "pretraining", "correct": "correction"}.get(

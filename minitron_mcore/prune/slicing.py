@@ -100,6 +100,9 @@ def prune_layer(
     }
     if keys.QKV_BIAS in t:
         out[keys.QKV_BIAS] = slice_qkv(t[keys.QKV_BIAS], plan, num_groups, kv_channels, None)
+    for norm in (keys.Q_NORM, keys.K_NORM):  # over the head dimension, which no target prunes
+        if norm in t:
+            out[norm] = t[norm]
     return out
 
 

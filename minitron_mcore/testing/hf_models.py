@@ -11,7 +11,8 @@ import torch
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 # Shapes chosen to exercise what differs between the families: GQA everywhere, Llama-3 RoPE
-# scaling, a head dim that is not hidden/heads (Mistral NeMo), QKV bias (Qwen2), tied embeddings.
+# scaling, a head dim that is not hidden/heads (Mistral NeMo, Qwen3), QKV bias (Qwen2), per-head
+# query/key norms (Qwen3), tied embeddings.
 # The shape every family shares ...
 _SHAPE = dict(
     hidden_size=64,
@@ -62,6 +63,17 @@ TINY = {
         max_position_embeddings=2048,
         rms_norm_eps=1e-06,
         tie_word_embeddings=True,
+        use_sliding_window=False,
+    ),
+    "qwen3": dict(
+        _SHAPE,
+        model_type="qwen3",
+        head_dim=32,
+        rope_theta=1000000.0,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-06,
+        tie_word_embeddings=True,
+        attention_bias=False,
         use_sliding_window=False,
     ),
 }
