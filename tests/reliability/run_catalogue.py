@@ -21,8 +21,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchmarks"))
 
 from catalogue import BY_ID, CASES, Shared, run_case  # noqa: E402
+from harness import replace_section  # noqa: E402  (benchmarks/harness.py)
 
 README = os.path.join(HERE, "README.md")
 BEGIN, END = "<!-- catalogue:begin -->", "<!-- catalogue:end -->"
@@ -60,16 +62,8 @@ def table(results, fast: bool, seconds: float, root: str = "") -> str:
 
 def write_readme(text: str, begin: str = BEGIN, end: str = END, path: str = README) -> None:
     """Replace the section between the ``begin`` and ``end`` markers of ``path`` with ``text``
-    (the catalogue's by default; run_faults.py and benchmarks/soak_distill.py write theirs
-    through this too)."""
-    with open(path) as f:
-        readme = f.read()
-    if begin not in readme or end not in readme:
-        raise SystemExit(f"{path} has no {begin} ... {end} section to write")
-    head, rest = readme.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
+    (the catalogue's by default; run_faults.py writes its table through this too)."""
+    replace_section(text, begin, end, path)
 
 
 def main(argv=None) -> int:
