@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, hf_logits, megatron_logits, minitron
+from conftest import FAMILIES, FAMILY_CASES, hf_logits, megatron_logits, minitron
 
 from minitron_mcore.checkpoint.megatron import read_meta
 from minitron_mcore.importance.scores import Scores
@@ -47,7 +47,7 @@ def ckpts(hf_models, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_prune_to_original_size_is_identity(family, ckpts, hf_models, tokens, tmp_path):
     scores = str(tmp_path / "scores")
     hand_made_scores(ckpts[family], scores)

@@ -11,6 +11,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.multiproc
 
 
+@pytest.mark.slow  # ~1 min; benchmarks/prune_quality.py measures the same at full size
 def test_activation_pruning_beats_random(tokenizer_dir, tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
