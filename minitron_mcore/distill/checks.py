@@ -13,19 +13,21 @@ from minitron_mcore.utils.log import log0
 
 
 def check_tokenizers(student_tok, teacher_tok, student_arch, teacher_arch) -> None:
-    """Same tokenizer (vocabulary fingerprint) and the same unpadded vocabulary size."""
+    """Same tokenizer (vocabulary fingerprint), whose ids both models' output layers cover
+    (their sizes may differ: the KD loss runs over the tokenizer's vocabulary)."""
     require(
         student_tok.fingerprint() == teacher_tok.fingerprint(),
         f"the teacher's tokenizer ({teacher_tok.path}, fingerprint {teacher_tok.fingerprint()}) "
         f"differs from the student's ({student_tok.path}, {student_tok.fingerprint()}); logit "
         "distillation needs one vocabulary - distill from a teacher with the student's tokenizer",
     )
-    require(
-        student_arch.vocab_size == teacher_arch.vocab_size,
-        f"the teacher has a vocabulary of {teacher_arch.vocab_size} and the student of "
-        f"{student_arch.vocab_size}; logit distillation needs the same vocabulary - use a "
-        "student pruned from this teacher",
-    )
+    for who, arch in (("student", student_arch), ("teacher", teacher_arch)):
+        require(
+            student_tok.vocab_size <= arch.vocab_size,
+            f"the tokenizer has {student_tok.vocab_size} tokens but the {who}'s output layer "
+            f"only {arch.vocab_size} rows; they do not belong together - use the {who} made "
+            "for this tokenizer",
+        )
 
 
 def check_layout(student_arch, teacher_arch, tp: int, pp: int) -> None:

@@ -90,7 +90,7 @@ def _kd_loss_func(
         # Identity forward, all-reduce of the gradient over TP ranks backward: each rank's
         # vocabulary slice contributes its share of d loss / d hidden.
         hs = copy_to_tensor_model_parallel_region(hs)
-    ws, wt = output_weight(pair.student), output_weight(pair.teacher)
+    ws, wt = output_weight(pair.student), pair.teacher_weight
     mask = batch["loss_mask"].reshape(-1)
     kd_sum, lm_sum = chunked_kd(
         hs,

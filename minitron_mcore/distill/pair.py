@@ -41,6 +41,36 @@ def output_weight(gpt) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
+@torch.no_grad()
+def aligned_teacher_weight(student, teacher) -> torch.Tensor:
+    """The teacher's output-layer rows for the token ids of this rank's slice of the student's
+    vocabulary, ``[V_s/tp, h_t]``.
+
+    One tokenizer may come with differently padded output layers (Qwen2.5-Coder-7B has 152064
+    rows, the 0.5B 151936): with TP the two models' vocabulary slices then start at different
+    ids. The frozen teacher's rows are gathered over the TP group once and cut to the student's
+    slice; ids past the teacher's rows get zero rows (they are past the tokenizer too, and the
+    loss masks them). With equal padding this is the teacher's own slice, no copy."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    ws, wt = output_weight(student), output_weight(teacher)
+    if ws.shape[0] == wt.shape[0]:
+        return wt
+    group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    parts = [torch.empty_like(wt) for _ in range(tp)]
+    if tp > 1:
+        dist.all_gather(parts, wt.contiguous(), group=group)
+    else:
+        parts = [wt]
+    full = torch.cat(parts)  # [V_t, h_t], transient
+    start = ps.get_tensor_model_parallel_rank() * ws.shape[0]
+    out = wt.new_zeros(ws.shape[0], wt.shape[1])
+    rows = full[start : start + ws.shape[0]]
+    out[: rows.shape[0]] = rows
+    return out
+
+
 class TeacherStudent:
     """What Megatron's schedules and grad finalisation see during distillation.
 
@@ -61,6 +91,10 @@ class TeacherStudent:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        # the teacher's output rows for the student's vocabulary slice (frozen: made once)
+        self.teacher_weight = (
+            aligned_teacher_weight(self.student, teacher) if self.last_stage else None
+        )
 
     def __getattr__(self, name):
         if name == "module":  # not set yet: avoid recursing through __getattr__

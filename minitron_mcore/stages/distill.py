@@ -22,7 +22,7 @@ from typing import Optional
 from minitron_mcore.checkpoint.layout import resolve_tokenizer_path
 from minitron_mcore.checkpoint.megatron import load_model, read_meta
 from minitron_mcore.data.datasets import require_data
-from minitron_mcore.data.tokenizer import Tokenizer, check_tokenizer_vocab
+from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.distill import checks
 from minitron_mcore.distill import intermediate as inter
 from minitron_mcore.distill.losses import KDSpec
@@ -165,8 +165,7 @@ def distill(cfg: DistillConfig) -> dict:
     tokenizer = Tokenizer(resolve_tokenizer_path(cfg.load))
     teacher_tok = Tokenizer(resolve_tokenizer_path(cfg.teacher))
     checks.check_tokenizers(tokenizer, teacher_tok, smeta.arch, tmeta.arch)
-    check_tokenizer_vocab(tokenizer, smeta.arch.vocab_size)
-    spec = _spec(cfg.distill, smeta.arch.vocab_size)
+    spec = _spec(cfg.distill, tokenizer.vocab_size)  # the KD runs over the tokenizer's ids
     dtype = train_dtype(train.precision)
     teacher_dtype = _teacher_dtype(cfg.distill, dtype)
     signature = run_signature(
