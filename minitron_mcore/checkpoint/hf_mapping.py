@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from minitron_mcore.checkpoint import hf_moe
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.models.arch import ModelArch
 
@@ -30,6 +31,7 @@ from minitron_mcore.models.canonical import (  # noqa: F401
     INPUT_NORM,
     K_NORM,
     MLP_NORM,
+    MOE_MLP_NORM,
     OUTPUT,
     PROJ,
     Q_NORM,
@@ -54,10 +56,16 @@ _QK_NORMS = {Q_NORM: "self_attn.q_norm.weight", K_NORM: "self_attn.k_norm.weight
 
 def _simple_layer(arch: ModelArch) -> dict[str, str]:
     """The per-layer tensors that map one to one (canonical key -> HF name in the layer)."""
-    return {**_SIMPLE_LAYER, **(_QK_NORMS if arch.qk_norm else {})}
+    simple = dict(_SIMPLE_LAYER)
+    if arch.is_moe:  # the experts' projections: checkpoint/hf_moe.py
+        del simple[FC2]
+        simple[MOE_MLP_NORM] = simple.pop(MLP_NORM)
+    return {**simple, **(_QK_NORMS if arch.qk_norm else {})}
 
 
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_MODEL_TYPES = {
+    t: t for t in ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+}
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
     "hidden_size",
@@ -130,7 +138,7 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         not cfg.get("attention_bias", False) or model_type == "qwen2",
         "models with attention_bias=true are not supported for model_type " + model_type,
     )
-    if model_type in ("qwen2", "qwen3"):  # their sliding_window applies with use_sliding_window
+    if model_type.startswith("qwen"):  # their sliding_window applies with use_sliding_window
         require(
             not cfg.get("use_sliding_window", False),
             f"{model_type.capitalize()} sliding-window attention is not supported; set "
@@ -140,7 +148,7 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         _require_full_attention_window(cfg)
     experts = [k for k in _MOE_FIELDS if (cfg.get(k) or 0) > 1]
     require(
-        not experts,
+        not experts or model_type in hf_moe.MOE_TYPES,
         f"mixture-of-experts configs ({', '.join(f'{k}={cfg[k]}' for k in experts)}) are not "
         "supported; only dense models (remove the expert fields if the weights are dense)",
     )
@@ -167,7 +175,8 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        **(hf_moe.moe_arch_fields(cfg, model_type) if model_type in hf_moe.MOE_TYPES else {}),
         init_std=cfg.get("initializer_range", 0.02),
     )
 
@@ -203,6 +212,8 @@ def hf_config_from_arch(arch: ModelArch, base: dict | None, dtype: str) -> dict:
         rope_parameters=rope,
         dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
     )
+    if arch.is_moe:
+        cfg.update(hf_moe.moe_hf_fields(arch))
     return cfg
 
 
@@ -318,6 +329,8 @@ def hf_layer_to_canonical(get: Getter, i: int, arch: ModelArch) -> dict[str, tor
     out[QKV] = interleave_qkv(*(get(p + f"self_attn.{x}_proj.weight") for x in "qkv"), arch)
     if arch.qkv_bias:
         out[QKV_BIAS] = interleave_qkv(*(get(p + f"self_attn.{x}_proj.bias") for x in "qkv"), arch)
+    if arch.is_moe:
+        return {**out, **hf_moe.hf_experts_to_canonical(get, p, arch)}
     # Megatron's SwiGLU: fc1 = [gate; up], act = silu(gate) * up.
     out[FC1] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
     return out
@@ -349,6 +362,8 @@ def canonical_layer_to_hf(t: dict[str, torch.Tensor], i: int, arch: ModelArch):
         gate, up = torch.chunk(t[FC1], 2)
         out[p + "mlp.gate_proj.weight"] = gate
         out[p + "mlp.up_proj.weight"] = up
+    if arch.is_moe:
+        out.update(hf_moe.canonical_experts_to_hf(t, p, arch))
     return out
 
 
@@ -366,7 +381,11 @@ def check_hf_names(names: set[str], arch: ModelArch) -> None:
     for i in range(arch.num_layers):
         p = _HF_LAYER.format(i=i)
         want = list(_simple_layer(arch).values()) + [f"self_attn.{x}_proj.weight" for x in "qkv"]
-        want += ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+        want += (
+            hf_moe.expert_names(arch)
+            if arch.is_moe
+            else ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+        )
         want += [f"self_attn.{x}_proj.bias" for x in "qkv"] if arch.qkv_bias else []
         missing += [p + w for w in want if p + w not in names]
     glob = ["model.embed_tokens.weight", "model.norm.weight"]

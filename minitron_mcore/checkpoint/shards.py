@@ -35,15 +35,18 @@ def _sharded_tensors(model):
 
 
 def _local_slice(sh, global_tensor: torch.Tensor) -> torch.Tensor:
-    """The part of a (per-layer) global tensor that ShardedTensor ``sh`` holds."""
+    """The part of a (per-layer) global tensor that ShardedTensor ``sh`` holds. Prepended axes
+    after the layer's (an expert's index in a mixture-of-experts layer: ``[E, ...]`` per layer)
+    pick one entry; the rest are sliced."""
+    pre = sh.global_offset[1 : sh.prepend_axis_num]  # (the layer's axis is not in the tensor)
     offsets = sh.global_offset[sh.prepend_axis_num :]
     idx = tuple(slice(o, o + n) for o, n in zip(offsets, sh.local_shape))
-    return global_tensor[idx]
+    return global_tensor[tuple(pre) + idx]
 
 
 def layer_of(sh) -> Optional[int]:
     """Global layer index of a per-layer ShardedTensor, ``None`` for embeddings etc."""
-    return sh.global_offset[0] if sh.prepend_axis_num == 1 else None
+    return sh.global_offset[0] if sh.prepend_axis_num >= 1 else None
 
 
 LayerFn = Callable[[int], dict[str, torch.Tensor]]

@@ -8,7 +8,7 @@ Megatron provides a CPU fallback for these, so this module is written by hand.  
 place in the project that patches torch or Megatron, and it is activated only when CUDA is
 unavailable (see ``minitron_mcore.compat.activate``).
 
-Four pieces:
+Five pieces:
 
 * :class:`CudaToCpuMode` - a ``TorchFunctionMode`` that rewrites CUDA device arguments to
   CPU, makes ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` the way a CUDA tensor
@@ -18,6 +18,7 @@ Four pieces:
 * no-op stand-ins for streams, events, NVTX, ``synchronize`` and memory statistics.
 * the mode re-entered for custom autograd ``Function``s' backward, which the autograd engine
   runs with the mode stack emptied.
+* the MoE token dispatcher's split sizes copied to the host as on a GPU (numpy arrays).
 """
 
 from __future__ import annotations
@@ -193,8 +194,22 @@ def _make_cpu_tracker(base):
     return CpuRNGStatesTracker
 
 
+def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Megatron's ``moe_utils.maybe_move_tensor_to_cpu`` on the host: the MoE all-to-all token
+    dispatcher counts tokens per rank on the device and copies the counts to the host as numpy
+    arrays (the split sizes ``all_to_all_single`` takes); it copies only CUDA tensors, so on
+    CPU the counts stayed tensors, which the collective refuses. Same result as on a GPU."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
 def _patch_megatron():
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    moe_utils.maybe_move_tensor_to_cpu = _host_split_sizes
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
 
     mrandom.CudaRNGStatesTracker = _make_cpu_tracker(mrandom.CudaRNGStatesTracker)
     mrandom._get_cuda_rng_state = _cpu_rng_state

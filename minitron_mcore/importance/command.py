@@ -207,6 +207,7 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
     require_data(cfg.data)
     meta = read_meta(cfg.load)
     arch = meta.arch
+    arch.require_dense("importance")
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
     require(icfg.seq_agg in SEQ_AGGS, f"importance.seq_agg must be one of {SEQ_AGGS}")
     require(icfg.batch_agg in BATCH_AGGS, f"importance.batch_agg must be one of {BATCH_AGGS}")

@@ -13,7 +13,7 @@ from typing import Optional
 
 from minitron_mcore.errors import MinitronError, require
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 
 
 @dataclass
@@ -21,8 +21,8 @@ class ModelArch:
     """Shape and numerics of a Llama-style GPT (RMSNorm, RoPE, SwiGLU, GQA)."""
 
     family: str = "llama"
-    """``llama`` (Llama 3.x), ``mistral`` (Mistral / Mistral NeMo), ``qwen2`` (Qwen2/2.5) or
-    ``qwen3`` (Qwen3 dense)."""
+    """``llama`` (Llama 3.x), ``mistral`` (Mistral / Mistral NeMo), ``qwen2`` (Qwen2/2.5),
+    ``qwen3`` (Qwen3 dense); mixture-of-experts: ``mixtral``, ``qwen3_moe``."""
     num_layers: int = 2
     """Number of transformer layers."""
     hidden_size: int = 64
@@ -54,6 +54,18 @@ class ModelArch:
     """RMSNorm of every query and key head over the head dimension, before RoPE (Qwen3; Megatron
     ``qk_layernorm``): one weight of ``kv_channels`` values for all query heads, one for all key
     heads, in every layer."""
+    num_moe_experts: Optional[int] = None
+    """Mixture of experts: routed experts in every layer's MLP (``None``: a dense MLP)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each half of an expert's SwiGLU MLP (HF ``moe_intermediate_size``, Mixtral's
+    ``intermediate_size``); ``ffn_hidden_size`` is then unused."""
+    moe_norm_topk_prob: bool = True
+    """The top-k routing probabilities renormalised to sum to 1 (Mixtral; Qwen3-MoE's
+    ``norm_topk_prob``); false: the softmax over all experts, cut to the top k."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss while training (HF ``router_aux_loss_coef``)."""
     init_std: float = 0.02
     """Std of the normal initialisation when a model is built from scratch."""
 
@@ -83,6 +95,25 @@ class ModelArch:
                 "unless model.kv_channels is set",
             )
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.is_moe:
+            require(
+                0 < self.moe_router_topk <= self.num_moe_experts,
+                f"model.moe_router_topk={self.moe_router_topk} must be between 1 and "
+                f"model.num_moe_experts={self.num_moe_experts}",
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_moe_experts)
+
+    def require_dense(self, command: str) -> None:
+        """One error line where a command cannot take a mixture-of-experts model yet."""
+        require(
+            not self.is_moe,
+            f"`minitron {command}` does not take mixture-of-experts models yet (this {self.family} "
+            f"model has {self.num_moe_experts} experts); import, export, train and distill them, "
+            "and score and prune a dense model",
+        )
 
     @property
     def heads_per_group(self) -> int:
@@ -108,12 +139,21 @@ class ModelArch:
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
         attn += 2 * d if self.qk_norm else 0
-        layer = attn + 3 * h * f + 2 * h
+        if self.is_moe:  # the router and every expert's SwiGLU MLP
+            f = self.moe_ffn_hidden_size or f
+            layer = attn + self.num_moe_experts * (h + 3 * h * f) + 2 * h
+        else:
+            layer = attn + 3 * h * f + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + emb + h
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """One-line errors for a TP/PP layout this model cannot be split into."""
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
+        """One-line errors for a TP/PP(/EP) layout this model cannot be split into."""
+        require(
+            not self.is_moe or self.num_moe_experts % ep == 0,
+            f"parallel.ep={ep} does not divide num_moe_experts={self.num_moe_experts}; choose an "
+            "expert-parallel size that divides the expert count",
+        )
         require(tp >= 1 and pp >= 1, "parallel.tp and parallel.pp must be >= 1")
         require(
             self.num_attention_heads % tp == 0,
@@ -125,10 +165,12 @@ class ModelArch:
             f"parallel.tp={tp} does not divide num_query_groups={self.num_query_groups}; "
             "choose a TP size that divides the number of query groups (KV heads)",
         )
-        require(
-            self.ffn_hidden_size % tp == 0,
-            f"parallel.tp={tp} does not divide ffn_hidden_size={self.ffn_hidden_size}",
+        ffn_key, ffn = (
+            ("moe_ffn_hidden_size", self.moe_ffn_hidden_size or self.ffn_hidden_size)
+            if self.is_moe
+            else ("ffn_hidden_size", self.ffn_hidden_size)
         )
+        require(ffn % tp == 0, f"parallel.tp={tp} does not divide {ffn_key}={ffn}")
         require(
             self.num_layers % pp == 0,
             f"parallel.pp={pp} does not divide num_layers={self.num_layers}; "

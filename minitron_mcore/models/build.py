@@ -51,19 +51,22 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(use_te: bool | None = None, qk_norm: bool = False):
+def layer_spec(use_te: bool | None = None, qk_norm: bool = False, num_experts: int | None = None):
     """Megatron layer spec: Transformer Engine on GPU when importable, local otherwise;
-    ``qk_norm``: with the per-head query/key norms (Qwen3)."""
+    ``qk_norm``: with the per-head query/key norms (Qwen3); ``num_experts``: a mixture of
+    experts MLP (Megatron's ``MoELayer``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te is None:
         use_te = have_transformer_engine()
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    return local_layer_spec(qk_norm)
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, qk_layernorm=qk_norm
+        )
+    return local_layer_spec(qk_norm, num_experts)
 
 
-def local_layer_spec(qk_norm: bool = False):
+def local_layer_spec(qk_norm: bool = False, num_experts: int | None = None):
     """Megatron's local spec (RMSNorm) with ``SDPAttention`` as the self-attention's
     ``core_attention`` and :class:`~minitron_mcore.models.norm.RMSNorm` as its norms (which
     work with sequence parallelism and on a GPU, where Megatron's ``WrappedTorchNorm`` does
@@ -75,7 +78,11 @@ def local_layer_spec(qk_norm: bool = False):
     from minitron_mcore.models.attention import SDPAttention
     from minitron_mcore.models.norm import RMSNorm
 
-    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
+    if num_experts:
+        _router_without_te()
+    spec = specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, normalization="RMSNorm", qk_layernorm=qk_norm
+    )
     attn = spec.submodules.self_attention
     if attn.submodules.core_attention is not DotProductAttention:
         # SDPAttention matches DotProductAttention's contract; anything else there is a
@@ -86,13 +93,27 @@ def local_layer_spec(qk_norm: bool = False):
         )
     norms = dict(q_layernorm=RMSNorm, k_layernorm=RMSNorm) if qk_norm else {}
     attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention, **norms)
+    keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
+    if num_experts:  # the pre-MLP norm keeps its own name, as in the TE spec's MoE layers
+        keys_map.pop("pre_mlp_layernorm.", None)
     layer_sub = dataclasses.replace(
         spec.submodules,
         self_attention=dataclasses.replace(attn, submodules=attn_sub),
         input_layernorm=RMSNorm,
         pre_mlp_layernorm=RMSNorm,
+        sharded_state_dict_keys_map=keys_map,
     )
     return dataclasses.replace(spec, submodules=layer_sub)
+
+
+def _router_without_te() -> None:
+    """Megatron 0.16's MoE router gating asks ``te_general_gemm is not None``, a name its
+    ``moe_utils`` only defines when Transformer Engine imports: without TE the router raises
+    NameError. Define it as absent (what Megatron means when TE is missing)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def block_spec(config, use_te: bool):
@@ -101,7 +122,7 @@ def block_spec(config, use_te: bool):
     norm - given a layer spec alone, Megatron picks the final norm by what is installed (Apex's
     LayerNorm-only ``FusedLayerNorm`` where Apex is, TE's where TE is)."""
     if use_te:
-        return layer_spec(True, config.qk_layernorm)
+        return layer_spec(True, config.qk_layernorm, config.num_moe_experts)
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -110,7 +131,7 @@ def block_spec(config, use_te: bool):
     from minitron_mcore.models.norm import RMSNorm
 
     n = get_num_layers_to_build(config)
-    layers = [local_layer_spec(config.qk_layernorm)] * n
+    layers = [local_layer_spec(config.qk_layernorm, config.num_moe_experts)] * n
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
 
@@ -130,6 +151,27 @@ def loaded_weights_kwargs() -> dict:
         "output_layer_init_method": _keep_as_allocated,
         "embedding_init_method": _keep_as_allocated,
     }
+
+
+def moe_config(arch: ModelArch) -> dict:
+    """Megatron's mixture-of-experts fields for ``arch`` (none for a dense model): top-k
+    routing after the softmax over the top k logits (Mixtral, Qwen3-MoE's ``norm_topk_prob``)
+    or cut from the softmax over all experts (``pre_softmax``), the load-balancing loss, one
+    SwiGLU MLP per expert (``SequentialMLP``; grouped GEMMs need TE/CUTLASS on a GPU), the
+    all-to-all token dispatcher (tokens travel to their experts' ranks under expert
+    parallelism)."""
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_moe_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size or arch.ffn_hidden_size,
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if arch.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+    )
 
 
 def transformer_config(
@@ -168,6 +210,7 @@ def transformer_config(
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_norm,
+        **moe_config(arch),
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
         init_method_std=arch.init_std,
@@ -228,7 +271,7 @@ def build_model_for_stage(
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    arch.check_parallel(tp, pp)
+    arch.check_parallel(tp, pp, ps.get_expert_model_parallel_world_size())
     use_te = have_transformer_engine() if use_te is None else use_te
     config = transformer_config(arch, tp, pp, dtype, **{"apply_rope_fusion": use_te, **config_kw})
     model = build_gpt(

@@ -17,6 +17,12 @@ MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 FC1 = "decoder.layers.mlp.linear_fc1.weight"
 FC2 = "decoder.layers.mlp.linear_fc2.weight"
 EMBED = "embedding.word_embeddings.weight"
+# A mixture-of-experts layer: its pre-MLP norm is a module of its own (Transformer Engine's
+# spec names it so; the local spec's key map is set to match), then the router and experts.
+MOE_MLP_NORM = "decoder.layers.pre_mlp_layernorm.weight"
+ROUTER = "decoder.layers.mlp.router.weight"
+EXPERT_FC1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+EXPERT_FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
 Q_NORM = "decoder.layers.self_attention.q_layernorm.weight"
 K_NORM = "decoder.layers.self_attention.k_layernorm.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -44,8 +50,10 @@ def split_qkv(qkv: torch.Tensor, arch: ModelArch):
 
 
 def layer_keys(arch: ModelArch) -> list[str]:
-    """The per-layer canonical tensors of ``arch``."""
-    keys = [QKV, PROJ, INPUT_NORM, MLP_NORM, FC1, FC2]
+    """The per-layer canonical tensors of ``arch`` (a mixture of experts: the router ``[E, h]``
+    and the experts' stacked ``[E, 2f, h]`` / ``[E, h, f]`` instead of the dense MLP)."""
+    mlp = [MOE_MLP_NORM, ROUTER, EXPERT_FC1, EXPERT_FC2] if arch.is_moe else [MLP_NORM, FC1, FC2]
+    keys = [QKV, PROJ, INPUT_NORM, *mlp]
     return keys + ([QKV_BIAS] if arch.qkv_bias else []) + ([Q_NORM, K_NORM] if arch.qk_norm else [])
 
 
@@ -57,10 +65,13 @@ def layer_shapes(arch: ModelArch) -> dict[str, tuple]:
         QKV: (qkv, h),
         PROJ: (h, arch.num_attention_heads * d),
         INPUT_NORM: (h,),
-        MLP_NORM: (h,),
-        FC1: (2 * f, h),
-        FC2: (h, f),
     }
+    if arch.is_moe:
+        e, fe = arch.num_moe_experts, arch.moe_ffn_hidden_size or f
+        shapes.update({MOE_MLP_NORM: (h,), ROUTER: (e, h)})
+        shapes.update({EXPERT_FC1: (e, 2 * fe, h), EXPERT_FC2: (e, h, fe)})
+    else:
+        shapes.update({MLP_NORM: (h,), FC1: (2 * f, h), FC2: (h, f)})
     if arch.qkv_bias:
         shapes[QKV_BIAS] = (qkv,)
     if arch.qk_norm:

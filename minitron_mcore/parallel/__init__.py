@@ -46,6 +46,10 @@ class ParallelConfig:
     """Tensor-parallel size (Megatron ``tensor_model_parallel_size``)."""
     pp: int = 1
     """Pipeline-parallel size (Megatron ``pipeline_model_parallel_size``)."""
+    ep: int = 1
+    """Expert-parallel size of mixture-of-experts layers (Megatron
+    ``expert_model_parallel_size``): each group of ``ep`` ranks splits the experts, tokens
+    travel to their experts' ranks (all-to-all); a dense model ignores it."""
     backend: str = "auto"
     """Process-group backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
     timeout_minutes: int = 30
@@ -123,22 +127,35 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
         f"world size {world} is not divisible by parallel.tp*parallel.pp="
         f"{parallel.tp * parallel.pp}; launch a multiple of tp*pp processes",
     )
-    if not (ps.model_parallel_is_initialized() and _layout() == (parallel.tp, parallel.pp)):
+    require(
+        parallel.ep >= 1 and (world // parallel.pp) % (parallel.tp * parallel.ep) == 0,
+        f"parallel.ep={parallel.ep}: the {world // parallel.pp} ranks of a pipeline stage are not "
+        f"divisible by parallel.tp*parallel.ep={parallel.tp * parallel.ep}; launch a multiple of "
+        "tp*ep*pp processes",
+    )
+    if not (ps.model_parallel_is_initialized() and _layout() == _wanted(parallel)):
         # Groups are made once per layout: ``minitron pipeline`` runs ~15 commands in one
         # process group, and every set of groups is a set of NCCL communicators on each GPU.
         _destroy_model_parallel_groups()
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            expert_model_parallel_size=parallel.ep,
         )
     set_seed(seed)
 
 
-def _layout() -> tuple[int, int]:
+def _wanted(parallel: ParallelConfig) -> tuple[int, int, int]:
+    return parallel.tp, parallel.pp, parallel.ep
+
+
+def _layout() -> tuple[int, int, int]:
     from megatron.core import parallel_state as ps
 
     return (
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
     )
 
 

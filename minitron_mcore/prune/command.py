@@ -91,6 +91,7 @@ def apply_plan(reader: WeightsReader, dst_model, plan: PrunePlan) -> None:
 def prune(cfg: PruneCommandConfig) -> dict:
     t0 = time.time()
     meta = read_meta(cfg.load)
+    meta.arch.require_dense("prune")
     require(bool(cfg.save), "save= is empty; pass an output directory for the pruned model")
     fp = fingerprint("prune", cfg, {"load": cfg.load, "scores": cfg.scores})
     done = already_done("prune", cfg.save, cfg.overwrite, fp, checkpoint_fingerprint)

@@ -135,6 +135,7 @@ def student_shape(src: ModelArch, cfg: PruneConfig, tp: int = 1, pp: int = 1) ->
     """The shape ``prune`` gives ``src`` for ``cfg``, with every check that needs no weights
     (the target rules, exportability, layers dropped by name, the TP/PP layout): what a
     pipeline checks for each student before its first step."""
+    src.require_dense("prune")
     dst = check_target(src, cfg.target)
     if cfg.drop_layers:
         dst = dst.replace(num_layers=src.num_layers - len(set(cfg.drop_layers)))

@@ -76,6 +76,36 @@ TINY = {
         attention_bias=False,
         use_sliding_window=False,
     ),
+    # Mixture of experts: 4 experts, 2 per token, narrower than the dense FFN.
+    "mixtral": dict(
+        _SHAPE,
+        model_type="mixtral",
+        intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_theta=1000000.0,
+        max_position_embeddings=2048,
+        sliding_window=None,
+        rms_norm_eps=1e-05,
+        tie_word_embeddings=False,
+        router_aux_loss_coef=0.02,
+    ),
+    "qwen3_moe": dict(
+        _SHAPE,
+        model_type="qwen3_moe",
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        rope_theta=1000000.0,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-06,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_sliding_window=False,
+        router_aux_loss_coef=0.001,
+    ),
 }
 
 

@@ -639,10 +639,10 @@ CASES: list[Case] = [
     ),
     Case(
         "hf-moe-model-type",
-        "a mixture-of-experts model (model_type mixtral)",
+        "a mixture-of-experts family minitron does not map (model_type deepseek_v3)",
         _import(),
-        "'mixtral' is not supported",
-        prepare=_prep_model_type("mixtral"),
+        "'deepseek_v3' is not supported",
+        prepare=_prep_model_type("deepseek_v3"),
     ),
     Case(
         "hf-moe-fields",
