@@ -101,3 +101,91 @@ def test_moe_checks(moe_models, tmp_path):
     )
     assert r.returncode != 0 and "parallel.ep=3 does not divide num_moe_experts=4" in r.stderr
     assert not os.path.exists(f"{tmp_path}/c") and not os.path.exists(f"{tmp_path}/p")
+
+
+def _train(command, ckpt, save, ep, *extra):
+    from conftest import read_log
+
+    minitron(
+        command,
+        f"load={ckpt}",
+        f"save={save}",
+        "data.train=[demo:stdlib-code]",
+        f"data.cache_dir={os.path.dirname(save)}/cache",
+        "train.steps=2",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.seq_length=64",
+        "train.eval_iters=0",
+        "train.precision=fp32",
+        "train.log_interval=1",
+        f"parallel.ep={ep}",
+        *extra,
+        nproc=ep,
+    )
+    rows = [r for r in read_log(save + ".logs/train_log.jsonl") if "train/loss" in r]
+    return [(r["train/loss"], r["train/grad_norm"]) for r in rows]
+
+
+def _same_run(a, b, wa, wb):
+    for (loss, gn), (rloss, rgn) in zip(a, b):
+        assert abs(loss - rloss) <= 1e-5 * rloss and abs(gn - rgn) <= 1e-4 * rgn, (a, b)
+    for k in wa:
+        assert (wb[k] - wa[k]).abs().max() <= 1e-4 * wa[k].abs().max(), k
+
+
+def test_moe_training_at_ep2_equals_ep1(moe_models, tmp_path):
+    """Two training steps of a Qwen3-MoE at EP=2 (experts split over the ranks, the rest data
+    parallel) follow EP=1: losses, grad norms and every weight. It failed before the experts'
+    weights were marked expert-parallel (Megatron reads expert_model_parallel_size from the
+    model's config, not from the process groups): DDP summed different experts' gradients."""
+    from conftest import canonical_weights
+
+    _, ckpt = moe_models
+    runs = {
+        ep: _train("correct", ckpt["qwen3_moe"], str(tmp_path / f"ep{ep}"), ep) for ep in (1, 2)
+    }
+    _same_run(
+        runs[1],
+        runs[2],
+        canonical_weights(str(tmp_path / "ep1")),
+        canonical_weights(str(tmp_path / "ep2")),
+    )
+
+
+@pytest.mark.slow
+def test_moe_distillation_at_ep2_equals_ep1(moe_models, tmp_path):
+    """An MoE teacher (Mixtral, trained briefly here) distils an MoE student (Qwen3-MoE) at EP=2
+    as at EP=1; and into a dense student."""
+    from conftest import canonical_weights
+
+    _, ckpt = moe_models
+    teacher = str(tmp_path / "teacher")
+    minitron(
+        "correct",
+        f"load={ckpt['mixtral']}",
+        f"save={teacher}",
+        "data.train=[demo:stdlib-code]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.steps=80",
+        "train.lr=3e-3",
+        "train.warmup_steps=5",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.seq_length=64",
+        "train.eval_iters=1",
+    )
+    runs = {
+        ep: _train(
+            "distill", ckpt["qwen3_moe"], str(tmp_path / f"kd{ep}"), ep, f"teacher={teacher}"
+        )
+        for ep in (1, 2)
+    }
+    _same_run(
+        runs[1],
+        runs[2],
+        canonical_weights(str(tmp_path / "kd1")),
+        canonical_weights(str(tmp_path / "kd2")),
+    )

@@ -153,16 +153,19 @@ def loaded_weights_kwargs() -> dict:
     }
 
 
-def moe_config(arch: ModelArch) -> dict:
+def moe_config(arch: ModelArch, ep: int = 1) -> dict:
     """Megatron's mixture-of-experts fields for ``arch`` (none for a dense model): top-k
     routing after the softmax over the top k logits (Mixtral, Qwen3-MoE's ``norm_topk_prob``)
     or cut from the softmax over all experts (``pre_softmax``), the load-balancing loss, one
     SwiGLU MLP per expert (``SequentialMLP``; grouped GEMMs need TE/CUTLASS on a GPU), the
     all-to-all token dispatcher (tokens travel to their experts' ranks under expert
-    parallelism)."""
+    parallelism). ``ep``: the expert-parallel size the model is built for - Megatron's layers
+    read it to mark expert weights as not data-parallel replicas (``allreduce=False``): left
+    at 1, DDP would sum the gradients of different experts across the EP ranks."""
     if not arch.is_moe:
         return {}
     return dict(
+        expert_model_parallel_size=ep,
         num_moe_experts=arch.num_moe_experts,
         moe_router_topk=arch.moe_router_topk,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size or arch.ffn_hidden_size,
@@ -181,6 +184,7 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     hidden_dropout: float = 0.0,
     attention_dropout: float = 0.0,
+    ep: int = 1,
     **extra,
 ):
     """Megatron ``TransformerConfig`` for ``arch``.
@@ -210,7 +214,7 @@ def transformer_config(
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_norm,
-        **moe_config(arch),
+        **moe_config(arch, ep),
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
         init_method_std=arch.init_std,
@@ -271,9 +275,11 @@ def build_model_for_stage(
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    arch.check_parallel(tp, pp, ps.get_expert_model_parallel_world_size())
     use_te = have_transformer_engine() if use_te is None else use_te
-    config = transformer_config(arch, tp, pp, dtype, **{"apply_rope_fusion": use_te, **config_kw})
+    ep = ps.get_expert_model_parallel_world_size()
+    arch.check_parallel(tp, pp, ep)
+    kw = {"apply_rope_fusion": use_te, **config_kw}
+    config = transformer_config(arch, tp, pp, dtype, ep=ep, **kw)
     model = build_gpt(
         arch,
         config,
