@@ -17,6 +17,12 @@ FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
 FAMILY_CASES = [
     pytest.param(f, marks=pytest.mark.slow) if f == "llama-tied" else f for f in FAMILIES
 ]
+# ... and where a test's per-family cases repeat one another's code paths, the families
+# added last run with the slow set too.
+FAMILY_CASES_CORE = [
+    f if f in ("llama", "mistral", "qwen2") else pytest.param(f, marks=pytest.mark.slow)
+    for f in FAMILIES
+]
 
 
 def _env():

@@ -122,6 +122,7 @@ SOME_POINTS = [2, 5, 7, 8, 13, 15, 16]
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # ~35 s; CI keeps the kills in the final save and the fault driver's subset
 def test_kill_at_each_kind_of_point_of_a_save(llama_ckpt, corpora, tmp_path):
     _kill_at(SOME_POINTS, llama_ckpt, corpora, tmp_path)
 

@@ -327,11 +327,12 @@ def test_sigkill_mid_run_resumes_bitwise(student, teacher, corpora, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_teacher_with_a_differently_padded_vocabulary(teacher, student, corpora, tmp_path):
+@pytest.mark.parametrize("tp", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_teacher_with_a_differently_padded_vocabulary(teacher, student, corpora, tmp_path, tp):
     """One tokenizer, output layers of different sizes (Qwen2.5-Coder-7B has 152064 rows, the
     0.5B 151936): the teacher, exported, its embedding and output layer grown by 128 rows of
     noise past the tokenizer and imported again, distils the student exactly as the original
-    does - at TP=1, and at TP=2 where the two models' vocabulary slices start at other ids. The
+    does - at TP=2, where the two models' vocabulary slices start at other ids (and TP=1). The
     KD loss runs over the tokenizer's vocabulary; a teacher with another tokenizer is refused."""
     from transformers import AutoModelForCausalLM
 
@@ -350,10 +351,9 @@ def test_teacher_with_a_differently_padded_vocabulary(teacher, student, corpora,
     minitron("import-hf", f"load={hf}", f"save={big}", "dtype=fp32")
     assert read_meta(big).arch.vocab_size == n + 128 != read_meta(student).arch.vocab_size
     data = corpora["stdlib-code"]
-    for tp in (1, 2):
-        ref_row, ref_w = _one_step(student, teacher, data, str(tmp_path / f"a{tp}"), tp, 1, tp)
-        row, w = _one_step(student, big, data, str(tmp_path / f"b{tp}"), tp, 1, tp)
-        for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
-            assert abs(row[key] - ref_row[key]) <= 1e-6 * abs(ref_row[key]), (tp, key, row, ref_row)
-        for k in ref_w:
-            assert (w[k] - ref_w[k]).abs().max() <= 1e-6 * ref_w[k].abs().max(), (tp, k)
+    ref_row, ref_w = _one_step(student, teacher, data, str(tmp_path / "a"), tp, 1, tp)
+    row, w = _one_step(student, big, data, str(tmp_path / "b"), tp, 1, tp)
+    for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
+        assert abs(row[key] - ref_row[key]) <= 1e-6 * abs(ref_row[key]), (tp, key, row, ref_row)
+    for k in ref_w:
+        assert (w[k] - ref_w[k]).abs().max() <= 1e-6 * ref_w[k].abs().max(), (tp, k)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_CASES, hf_logits, megatron_logits, minitron
+from conftest import FAMILIES, FAMILY_CASES_CORE, hf_logits, megatron_logits, minitron
 
 from minitron_mcore.checkpoint.megatron import read_meta
 from minitron_mcore.importance.scores import Scores
@@ -47,7 +47,7 @@ def ckpts(hf_models, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", FAMILY_CASES)
+@pytest.mark.parametrize("family", FAMILY_CASES_CORE)
 def test_prune_to_original_size_is_identity(family, ckpts, hf_models, tokens, tmp_path):
     scores = str(tmp_path / "scores")
     hand_made_scores(ckpts[family], scores)
@@ -130,7 +130,10 @@ TARGETS = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "family",
+    ["llama", "qwen3", *(pytest.param(f, marks=pytest.mark.slow) for f in ("mistral", "qwen2"))],
+)
 @pytest.mark.parametrize("target", ["heads", "groups"])
 def test_pruning_keeps_exactly_the_expected_weights(
     family, target, ckpts, hf_models, tokens, tmp_path

@@ -199,6 +199,7 @@ def test_worker_stops_when_its_launcher_dies(tmp_path):
     assert _wait_for(lambda: not _alive(worker)), "a worker orphaned before its watch kept on"
 
 
+@pytest.mark.slow  # three training runs, ~25 s
 def test_resume_with_another_global_batch_sees_every_sample_once(llama_ckpt, corpora, tmp_path):
     """2 steps of 8 samples, then resumed with resume_override=[train.global_batch_size] for 2
     steps of 16: the 48 samples are the first 48 of a run that never changed its batch, each
