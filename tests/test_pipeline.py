@@ -148,6 +148,7 @@ def test_rerun_is_a_no_op_and_a_changed_step_is_refused(finished):
     assert "distill.width" in errors[0] and "pipeline.rerun_from=distill.width" in errors[0]
 
 
+@pytest.mark.slow  # ~30 s; the fault driver's full run kills the pipeline at 10 moments
 def test_kill_during_distillation_resumes_to_the_same_students(finished, tmp_path):
     ref_dir, _ = finished
     run_dir = str(tmp_path / "run")

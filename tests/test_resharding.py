@@ -9,6 +9,7 @@ from minitron_mcore.checkpoint.megatron import WeightsReader
 pytestmark = pytest.mark.multiproc
 
 
+@pytest.mark.slow  # ~35 s; HF import at TP=2 / PP=2 and loads at other layouts stay in CI
 def test_tp2pp2_to_tp1pp1_and_back(hf_models, tokens_file, tmp_path):
     src = hf_models["llama"]
     ckpt22 = str(tmp_path / "tp2pp2")
