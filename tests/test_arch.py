@@ -17,6 +17,8 @@ from minitron_mcore.models.arch import ModelArch, load_preset, padded_vocab_size
         ("qwen2.5-7b", 7_615_616_512),
         ("qwen3-0.6b", 596_049_920),
         ("qwen3-8b", 8_190_735_360),
+        ("mixtral-8x7b", 46_702_792_704),
+        ("qwen3-30b-a3b", 30_532_122_624),
     ],
 )
 def test_paper_presets_have_published_parameter_counts(name, params):

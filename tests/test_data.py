@@ -104,6 +104,25 @@ def test_blend_samples_in_proportion(tmp_path, tokenizer_dir):
     assert set(np.unique(first)) == {11, 22}
 
 
+def test_weighted_blend_with_a_held_out_split(tmp_path, tokenizer_dir):
+    """A weighted blend and no data.valid: validation is the split's held-out share of the
+    blend (Megatron's builder refused the unused test split: 'size_is_none =>
+    weights_are_none'), for training and for evaluate's held-out read."""
+    from minitron_mcore.data.datasets import build_eval_dataset
+    from minitron_mcore.parallel import ParallelConfig, parallel_context
+
+    a = _constant_prefix(tmp_path, "a", 11, n_docs=200)
+    b = _constant_prefix(tmp_path, "b", 22, n_docs=200)
+    cfg = DataConfig(train=[0.5, a, 0.5, b], split="90,10,0", cache_dir=str(tmp_path / "cache"))
+    with parallel_context(ParallelConfig()):
+        tok = Tokenizer(tokenizer_dir)
+        train, valid = build_datasets(cfg, tok, 32, 0, 400, 20)
+        held = build_eval_dataset(cfg, tok, 32, 0, 20, held_out=True)
+        assert len(train) >= 400 and len(valid) >= 20 and len(held) >= 20
+        firsts = {int(valid[i]["tokens"][0]) for i in range(20)}
+    assert firsts == {11, 22}
+
+
 def test_global_batches_split_over_dp_ranks():
     ds = [
         {"tokens": [i], "labels": [i], "loss_mask": [1.0], "position_ids": [0]} for i in range(64)

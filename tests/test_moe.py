@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import WORKERS, hf_logits, launch, minitron
+from conftest import WORKERS, hf_logits, launch, megatron_logits, minitron
 
 pytestmark = pytest.mark.multiproc
 
@@ -86,12 +86,160 @@ def test_moe_import_at_tp2_ep2_exports_the_same_weights(moe_models, tmp_path):
         assert read_meta(ckpt).arch.num_params() == sum(p.numel() for p in model.parameters())
 
 
-def test_moe_checks(moe_models, tmp_path):
-    """What cannot run yet says so in one line."""
+def test_moe_prune_checks(capsys, moe_models, tmp_path):
+    """Targets a mixture of experts cannot take say so in one line, before any work."""
+    from minitron_mcore.cli import main
+
     _, ckpt = moe_models
-    r = minitron("prune", f"load={ckpt['mixtral']}", f"save={tmp_path}/p", check=False)
-    assert r.returncode == 2 and "mixture-of-experts" in r.stderr.strip().splitlines()[-1]
-    assert not os.path.exists(f"{tmp_path}/p")
+    cases = [
+        ("prune.target.num_moe_experts=1", "keep at least 2 experts"),
+        ("prune.target.num_moe_experts=8", "prune.target.num_moe_experts=8 is not possible"),
+        ("prune.target.ffn_hidden_size=16", "prune.target.moe_ffn_hidden_size"),
+        ("prune.expert_metric=random", "prune.expert_metric='random'"),
+        ("prune.target.moe_router_topk=1", "keep moe_router_topk >= 2"),
+    ]
+    for override, words in cases:
+        out = str(tmp_path / "p")
+        args = ["prune", f"load={ckpt['mixtral']}", f"save={out}", override]
+        assert main(args + ["prune.drop_layers=[1]"]) == 2, override
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert words in last, (override, last)
+        assert not os.path.exists(out)
+
+
+MOE_TARGET = [
+    "prune.target.num_moe_experts=2",
+    "prune.target.moe_ffn_hidden_size=16",
+    "prune.target.hidden_size=48",
+    "prune.target.num_layers=2",
+]
+
+
+def _score_and_prune(ckpt, corpus, root, tp=1, pp=1, ep=1):
+    """``importance`` then ``prune`` (experts, expert width, hidden, depth) at one layout:
+    (scores, prune plan, pruned weights, pruned checkpoint)."""
+    from conftest import canonical_weights
+
+    from minitron_mcore.checkpoint.megatron import read_meta
+    from minitron_mcore.importance.scores import Scores
+
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
+    sc, pruned = f"{root}/scores", f"{root}/pruned"
+    minitron(
+        "importance",
+        f"load={ckpt}",
+        f"save={sc}",
+        f"data.train=[{corpus}]",
+        f"data.cache_dir={root}/cache",
+        "importance.num_samples=8",
+        "importance.seq_length=32",
+        "importance.micro_batch_size=2",
+        "importance.layer_loss_samples=4",
+        "importance.block_sizes=[1,2]",
+        *layout,
+        nproc=tp * pp * ep,
+    )
+    minitron(
+        "prune", f"load={ckpt}", f"scores={sc}", f"save={pruned}", *MOE_TARGET, *layout,
+        nproc=tp * pp * ep,
+    )
+    return Scores.load(sc), read_meta(pruned).prune_plan, canonical_weights(pruned), pruned
+
+
+@pytest.fixture(scope="module")
+def moe_reference(moe_models, corpora, tmp_path_factory):
+    """Per family, computed once when first asked: the one-process scores and pruned model."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            root = str(tmp_path_factory.mktemp(f"ref_{family}"))
+            done[family] = _score_and_prune(moe_models[1][family], corpora["stdlib-code"], root)
+        return done[family]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "family,tp,pp,ep",
+    [
+        ("qwen3_moe", 2, 1, 2),  # 4 processes: each expert's FFN over 2 ranks, experts over 2
+        pytest.param("qwen3_moe", 1, 1, 2, marks=pytest.mark.slow),
+        pytest.param("qwen3_moe", 2, 1, 1, marks=pytest.mark.slow),
+        pytest.param("qwen3_moe", 1, 2, 1, marks=pytest.mark.slow),
+        pytest.param("mixtral", 2, 1, 2, marks=pytest.mark.slow),
+    ],
+)
+def test_moe_importance_and_pruning_equal_across_layouts(
+    family, tp, pp, ep, moe_models, moe_reference, corpora, tmp_path
+):
+    """Expert scores and the pruned model at TP/PP/EP equal one process's: every score within
+    1e-4, the same kept layers, experts, neurons, channels and heads, bitwise equal weights."""
+    ref_s, ref_plan, ref_w, _ = moe_reference(family)
+    s, plan, w, _ = _score_and_prune(
+        moe_models[1][family], corpora["stdlib-code"], str(tmp_path), tp, pp, ep
+    )
+    assert set(s.tensors) == set(ref_s.tensors)
+    for k, v in ref_s.tensors.items():
+        torch.testing.assert_close(s.tensors[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert plan["layers"] == ref_plan["layers"] and plan["hidden"] == ref_plan["hidden"]
+    assert plan["kept_layers"] == ref_plan["kept_layers"]
+    assert set(w) == set(ref_w)
+    for k in ref_w:
+        assert torch.equal(w[k], ref_w[k]), k
+
+
+def test_moe_pruned_by_expert_exports_and_loads(moe_reference, tokens, tokens_file, tmp_path):
+    """The scores have every expert site; the kept experts are the top-scored ones; the pruned
+    Qwen3-MoE (2 of 4 experts, experts 32 -> 16 wide, hidden 64 -> 48, 2 of 4 layers) exports
+    to a config transformers loads, with our logits."""
+    scores, plan, _, pruned = moe_reference("qwen3_moe")
+    assert scores.tensors["layer0.experts.score"].shape == (4,)
+    assert scores.tensors["layer0.expert_mlp.mean-l2"].shape == (4, 32)
+    freq = scores.tensors["layer1.experts.frequency"]  # top-2 routing: shares of routings
+    assert abs(freq.sum().item() - 1) < 1e-5 and (freq > 0).all()
+    assert len(plan["kept_layers"]) == 2
+    for new, layer in enumerate(plan["kept_layers"]):
+        score = scores.tensors[f"layer{layer}.experts.score"]
+        kept = plan["layers"][new]["experts"]
+        dropped = sorted(set(range(4)) - set(kept))
+        assert len(kept) == 2 and score[dropped].max() < score[kept].min()
+    hf_out = str(tmp_path / "hf")
+    minitron("export-hf", f"load={pruned}", f"save={hf_out}")
+    ours = megatron_logits(pruned, tokens_file, str(tmp_path / "l.st"))
+    diff = (hf_logits(hf_out, tokens) - ours).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_expert_plans_follow_the_chosen_ranking():
+    """prune.expert_metric picks the ranking; per_expert neurons follow each expert's own
+    scores, shared ones the sum over the kept experts."""
+    from minitron_mcore.importance.scores import Scores
+    from minitron_mcore.models.arch import load_preset
+    from minitron_mcore.prune.plan import PruneConfig, PruneTarget, make_plan
+
+    src = load_preset("tiny-qwen3-moe").replace(num_layers=1)  # 8 experts, 32 wide
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "layer0.heads.mean-l2": torch.rand(4, generator=g),
+        "layer0.hidden.mean-l2": torch.rand(64, generator=g),
+        "layer0.experts.score": torch.tensor([8.0, 1, 7, 2, 6, 3, 5, 4]),
+        "layer0.experts.frequency": torch.tensor([1.0, 8, 2, 7, 3, 6, 4, 5]),
+        "layer0.experts.prob": torch.rand(8, generator=g),
+        "layer0.expert_mlp.mean-l2": torch.rand(8, 32, generator=g),
+    }
+    scores = Scores(t, {"default_agg": "mean-l2"})
+    target = PruneTarget(num_moe_experts=4, moe_ffn_hidden_size=8)
+    per = make_plan(src, PruneConfig(target=target), scores).layers[0]
+    assert per.experts == [0, 2, 4, 6]
+    for e, neurons in zip(per.experts, per.expert_neurons):
+        assert neurons == sorted(t["layer0.expert_mlp.mean-l2"][e].topk(8).indices.tolist())
+    freq = make_plan(src, PruneConfig(target=target, expert_metric="frequency"), scores)
+    assert freq.layers[0].experts == [1, 3, 5, 7]
+    shared = make_plan(src, PruneConfig(target=target, moe_neurons="shared"), scores).layers[0]
+    want = sorted(t["layer0.expert_mlp.mean-l2"][[0, 2, 4, 6]].sum(0).topk(8).indices.tolist())
+    assert shared.expert_neurons == [want] * 4
+    assert make_plan(src, PruneConfig(target=target), scores).dst.num_params() < src.num_params()
 
 
 @pytest.mark.slow

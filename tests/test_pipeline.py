@@ -299,3 +299,55 @@ def test_pipeline_from_a_qwen3_hf_teacher(tokenizer_dir, tmp_path):
             n for n, _ in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))
         ]
         assert len(norms) == 2 * layers
+
+
+@pytest.mark.slow
+def test_pipeline_from_a_qwen3_moe_hf_teacher(tokenizer_dir, tmp_path):
+    """A mixture of experts end to end at expert-parallel size 2 (2 processes): a tiny Qwen3-MoE
+    trained here and exported is the teacher (teacher=HF_DIR); one student keeps half the
+    experts, one is pruned in width (hidden size and every expert's FFN); both are distilled,
+    evaluated and exported, and transformers loads each export with its pruned shape."""
+    from transformers import AutoModelForCausalLM
+
+    base, hf, out = str(tmp_path / "base"), str(tmp_path / "hf"), str(tmp_path / "run")
+    train = [a.replace("pretrain.", "", 1) for a in TINY if a.startswith("pretrain.train.")]
+    minitron(
+        "pretrain",
+        "model=tiny-qwen3-moe",
+        "model.num_moe_experts=4",
+        f"tokenizer={tokenizer_dir}",
+        f"save={base}",
+        "data.train=[demo:stdlib-code]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.lr=3e-3",
+        *train,
+    )
+    minitron("export-hf", f"load={base}", f"save={hf}")
+    minitron(
+        "pipeline",
+        f"run_dir={out}",
+        *[a for a in TINY if not a.startswith("students.")],
+        f"teacher={hf}",
+        "correct.original_lr=3e-3",
+        "parallel.ep=2",
+        "students.0.name=width",
+        "students.0.target.hidden_size=48",
+        "students.0.target.moe_ffn_hidden_size=16",
+        "students.1.name=experts",
+        "students.1.target.num_moe_experts=2",
+        nproc=2,
+    )
+    text = open(os.path.join(out, "report.md")).read()
+    assert "`width.distilled`" in text and "`experts.distilled`" in text
+    for name, hidden, experts, width in (
+        ("teacher", 64, 4, 32),
+        ("width", 48, 4, 16),
+        ("experts", 64, 2, 32),
+    ):
+        c = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf", name)).config
+        assert (c.model_type, c.hidden_size, c.num_experts, c.moe_intermediate_size) == (
+            "qwen3_moe",
+            hidden,
+            experts,
+            width,
+        ), name

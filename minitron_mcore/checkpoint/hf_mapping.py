@@ -212,7 +212,9 @@ def hf_config_from_arch(arch: ModelArch, base: dict | None, dtype: str) -> dict:
         rope_parameters=rope,
         dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
     )
-    if arch.is_moe:
+    if arch.is_moe:  # one expert-count key: transformers reads either name, the base's first
+        for key in ("num_local_experts", "num_experts"):
+            cfg.pop(key, None)
         cfg.update(hf_moe.moe_hf_fields(arch))
     return cfg
 

@@ -238,7 +238,7 @@ def build_datasets(
         config = GPTDatasetConfig(blend_per_split=[train, valid, None], **common)
     try:
         train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+            GPTDataset, [train_samples, valid_samples, _unused(train)], lambda: True, config
         ).build()
     except (AssertionError, ValueError, IndexError) as e:
         raise MinitronError(
@@ -278,10 +278,18 @@ def build_eval_dataset(
     else:
         where = dict(blend_per_split=[None, blend, None])
     config = GPTDatasetConfig(**_gpt_config_keys(seed, seq_length, tok, cfg), **where)
+    unused = _unused(blend) if "split" in where else None
     _, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [None, samples, None], lambda: True, config
+        GPTDataset, [unused, samples, unused], lambda: True, config
     ).build()
     return valid
+
+
+def _unused(blend) -> int | None:
+    """The sample count of a split that is not read: None (Megatron builds nothing), but 0 for
+    a weighted blend cut by ``data.split`` - Megatron's builder refuses None there (it has no
+    size to spread over the weights)."""
+    return 0 if blend[1] is not None else None
 
 
 def collate(samples: list[dict]) -> dict:

@@ -30,6 +30,7 @@ from minitron_mcore.data.tokenizer import Tokenizer, check_tokenizer_vocab
 from minitron_mcore.errors import MinitronError, require
 from minitron_mcore.importance.aggregate import BATCH_AGGS, SEQ_AGGS, all_scores
 from minitron_mcore.importance.hooks import ActivationCollector, LayerInputCache, skip_layers
+from minitron_mcore.importance.moe import ExpertCollector, stack_experts
 from minitron_mcore.importance.scores import Scores, scores_fingerprint
 from minitron_mcore.parallel import ParallelConfig, fail_together, parallel_context
 from minitron_mcore.train.loop import evaluate
@@ -106,8 +107,10 @@ def _reduce_and_gather(collector: ActivationCollector) -> dict[str, torch.Tensor
     return out
 
 
-def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int) -> dict:
-    """Per-layer scores of this stage -> merged over pipeline stages (every rank gets all)."""
+def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int, experts) -> dict:
+    """Per-layer scores of this stage (``experts``: this rank's expert entries,
+    :meth:`ExpertCollector.reduce`) -> merged over pipeline stages and expert-parallel ranks
+    (every rank gets all)."""
     from megatron.core import parallel_state as ps
 
     tensors = {}
@@ -116,6 +119,7 @@ def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int) -
         site = "hidden" if site.startswith("norm") else site
         key = f"layer{layer}.{site}.{agg}"
         tensors[key] = tensors[key] + v if key in tensors else v
+    tensors.update(experts)
     bi = torch.zeros(num_layers)
     for i, (total, n) in collector.bi.items():
         red = torch.stack([total, n])
@@ -128,7 +132,7 @@ def _layer_tensors(local: dict[str, torch.Tensor], collector, num_layers: int) -
         merged.update(t)
         bi_all = torch.maximum(bi_all, b)
     merged["layer_bi"] = bi_all
-    return merged
+    return stack_experts(merged)
 
 
 def _ticking(batches, bar):
@@ -207,8 +211,7 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
     require_data(cfg.data)
     meta = read_meta(cfg.load)
     arch = meta.arch
-    arch.require_dense("importance")
-    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     require(icfg.seq_agg in SEQ_AGGS, f"importance.seq_agg must be one of {SEQ_AGGS}")
     require(icfg.batch_agg in BATCH_AGGS, f"importance.batch_agg must be one of {BATCH_AGGS}")
     require(icfg.num_samples > 0, "importance.num_samples must be positive")
@@ -237,15 +240,19 @@ def importance(cfg: ImportanceCommandConfig) -> dict:
         ds = build_eval_dataset(calib, tok, seq, cfg.seed, icfg.num_samples)
         batches = GlobalBatches(ds, step, icfg.micro_batch_size, dpr, dp)
         fwd = lm_forward_step(arch.vocab_size)
-        collector = ActivationCollector(model)
+        collector, experts = ActivationCollector(model), ExpertCollector(model)
         collector.attach()
+        experts.attach()
         log0("importance: %d samples x %d tokens on %s", icfg.num_samples, seq, cfg.load)
         # Built lazily, so the progress follows the forward passes (the time is spent there).
         n_calib = icfg.num_samples // step
         lazy = (batches.get(i) for i in range(n_calib))
         calib_loss = evaluate(model, fwd, progress(lazy, "calibration", n_calib, unit="batch"), seq)
         collector.detach()
-        tensors = _layer_tensors(_reduce_and_gather(collector), collector, arch.num_layers)
+        experts.detach()
+        tensors = _layer_tensors(
+            _reduce_and_gather(collector), collector, arch.num_layers, experts.reduce()
+        )
         user = {}
         if icfg.layer_loss_samples > 0:
             n = max(icfg.layer_loss_samples // step, 1)

@@ -1,7 +1,8 @@
 """Forward hooks on Megatron-Core modules that collect activation statistics.
 
 Nothing in the model is modified: hooks read the input of ``linear_proj`` (per-head attention
-output), the input of ``linear_fc2`` (MLP neuron activations after the gated activation), the
+output), the input of ``linear_fc2`` (MLP neuron activations after the gated activation; a
+mixture-of-experts layer's experts are scored by ``importance.moe``), the
 outputs of ``input_layernorm`` / ``pre_mlp_layernorm`` (embedding channels) and each layer's input
 and output (block importance). The model must use the local layer spec, where the norms are
 separate modules (the Transformer Engine spec fuses them into the next linear layer).
@@ -51,9 +52,10 @@ class ActivationCollector:
                 prev = self.bi.get(i, torch.zeros(2, device=total.device))
                 self.bi[i] = prev + torch.stack([total, n])
 
+            if hasattr(layer.mlp, "linear_fc2"):  # a mixture of experts: importance/moe.py
+                self._handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(on_fc2))
             self._handles += [
                 attn.linear_proj.register_forward_pre_hook(on_proj),
-                layer.mlp.linear_fc2.register_forward_pre_hook(on_fc2),
                 layer.input_layernorm.register_forward_hook(
                     lambda m, a, o, n=f"{i}.norm_in": on_norm(m, a, o, n)
                 ),

@@ -101,19 +101,15 @@ class ModelArch:
                 f"model.moe_router_topk={self.moe_router_topk} must be between 1 and "
                 f"model.num_moe_experts={self.num_moe_experts}",
             )
+            require(
+                self.moe_router_topk > 1 or not self.moe_norm_topk_prob,
+                "top-1 routing with renormalised probabilities gives every token a weight of 1, "
+                "which Megatron's router refuses; keep moe_router_topk >= 2",
+            )
 
     @property
     def is_moe(self) -> bool:
         return bool(self.num_moe_experts)
-
-    def require_dense(self, command: str) -> None:
-        """One error line where a command cannot take a mixture-of-experts model yet."""
-        require(
-            not self.is_moe,
-            f"`minitron {command}` does not take mixture-of-experts models yet (this {self.family} "
-            f"model has {self.num_moe_experts} experts); import, export, train and distill them, "
-            "and score and prune a dense model",
-        )
 
     @property
     def heads_per_group(self) -> int:

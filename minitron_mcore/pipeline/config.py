@@ -94,6 +94,8 @@ class StudentVariant:
     drop_layers: list = field(default_factory=list)
     depth_metric: str = "block_loss"
     agg: str = ""
+    expert_metric: str = "score"
+    moe_neurons: str = "per_expert"
 
 
 def _default_students() -> list:

@@ -86,8 +86,8 @@ def check_plan(cfg: PipelineConfig, arch) -> None:
     from minitron_mcore.prune.plan import student_shape
     from minitron_mcore.utils import preflight
 
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    arch.check_parallel(tp, pp)
+    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
+    arch.check_parallel(tp, pp, ep)
     preflight.require_lm_eval(cfg.evaluate.lm_eval_tasks, "evaluate.lm_eval_tasks")
     if not cfg.pipeline.dry_run:
         preflight.require_writable(cfg.run_dir, "run_dir")
@@ -95,7 +95,7 @@ def check_plan(cfg: PipelineConfig, arch) -> None:
         preflight.require_free_disk(cfg.run_dir, need, "the teacher's first checkpoint", "run_dir")
     for v in cfg.students:
         try:
-            student_shape(arch, prune_config(v), tp, pp)
+            student_shape(arch, prune_config(v), tp, pp, ep)
         except MinitronError as e:
             raise MinitronError(f"student {v.name!r}: {e}") from e
 

@@ -118,7 +118,12 @@ def prune_config(v: StudentVariant):
     from minitron_mcore.prune.plan import PruneConfig
 
     return PruneConfig(
-        target=v.target, drop_layers=list(v.drop_layers), depth_metric=v.depth_metric, agg=v.agg
+        target=v.target,
+        drop_layers=list(v.drop_layers),
+        depth_metric=v.depth_metric,
+        agg=v.agg,
+        expert_metric=v.expert_metric,
+        moe_neurons=v.moe_neurons,
     )
 
 

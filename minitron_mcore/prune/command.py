@@ -91,7 +91,6 @@ def apply_plan(reader: WeightsReader, dst_model, plan: PrunePlan) -> None:
 def prune(cfg: PruneCommandConfig) -> dict:
     t0 = time.time()
     meta = read_meta(cfg.load)
-    meta.arch.require_dense("prune")
     require(bool(cfg.save), "save= is empty; pass an output directory for the pruned model")
     fp = fingerprint("prune", cfg, {"load": cfg.load, "scores": cfg.scores})
     done = already_done("prune", cfg.save, cfg.overwrite, fp, checkpoint_fingerprint)
@@ -105,7 +104,7 @@ def prune(cfg: PruneCommandConfig) -> dict:
     # before any weight is read: a target export-hf could not write is refused here
     plan = make_plan(meta.arch, cfg.prune, scores, meta.hf_config, cfg.parallel.tp)
     try:  # only the pruned model is built; the source is read layer by layer at any layout
-        plan.dst.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+        plan.dst.check_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     except Exception as e:
         raise type(e)(f"{e} (the pruned model)") from e
     dtype = resolve_dtype(meta.dtype)

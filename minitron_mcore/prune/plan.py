@@ -23,6 +23,9 @@ from minitron_mcore.models.arch import ModelArch
 from minitron_mcore.prune.slicing import LayerPlan
 
 DEPTH_METRICS = ("block_loss", "layer_loss", "bi")
+EXPERT_METRICS = ("score", "frequency", "prob")
+MOE_NEURONS = ("per_expert", "shared")
+MOE_KEYS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk")
 
 
 @dataclass
@@ -34,6 +37,13 @@ class PruneTarget:
     num_attention_heads: Optional[int] = None
     num_query_groups: Optional[int] = None
     num_layers: Optional[int] = None
+    num_moe_experts: Optional[int] = None
+    """Routed experts per layer (mixture of experts): the least important are dropped, with
+    their router rows."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of every expert's MLP."""
+    moe_router_topk: Optional[int] = None
+    """Experts per token (null = the source's, when the kept experts allow it)."""
 
 
 @dataclass
@@ -49,6 +59,13 @@ class PruneConfig:
     single removal hurts least) or bi (lowest block importance 1 - cos)."""
     agg: str = ""
     """Aggregation to rank width by, "<seq>-<batch>" (e.g. mean-l2); empty = the scores' default."""
+    expert_metric: str = "score"
+    """How experts are ranked for ``target.num_moe_experts``: score (router probability x
+    expert output norm over the calibration tokens), frequency (how often an expert is
+    routed to) or prob (router probability mass): see ``importance/moe.py``."""
+    moe_neurons: str = "per_expert"
+    """``target.moe_ffn_hidden_size``: each expert keeps its own most important neurons
+    (per_expert) or every expert keeps the same ones, ranked over all kept experts (shared)."""
 
 
 @dataclass
@@ -94,12 +111,24 @@ def check_target(
 def _target_shape(src: ModelArch, t: PruneTarget) -> ModelArch:
     """The pruned shape, after the rules of the method itself: sizes within the source's, and
     every query group keeping the same number of heads."""
+    for name in MOE_KEYS:
+        require(
+            getattr(t, name) is None or src.is_moe,
+            f"prune.target.{name} applies to mixture-of-experts models; this {src.family} model "
+            "is dense",
+        )
+    require(
+        t.ffn_hidden_size is None or not src.is_moe,
+        "prune.target.ffn_hidden_size: a mixture-of-experts model's MLP width is "
+        "prune.target.moe_ffn_hidden_size",
+    )
     for name in (
         "hidden_size",
         "ffn_hidden_size",
         "num_attention_heads",
         "num_query_groups",
         "num_layers",
+        *MOE_KEYS,
     ):
         want, have = getattr(t, name), getattr(src, name)
         if want is not None:
@@ -121,7 +150,20 @@ def _target_shape(src: ModelArch, t: PruneTarget) -> ModelArch:
         f"{heads} heads over {groups} query groups needs {heads // groups} heads per group, "
         f"but the source groups have {src.heads_per_group}; keep more groups",
     )
-    return src.replace(
+    moe = {}
+    if src.is_moe:
+        experts = t.num_moe_experts or src.num_moe_experts
+        topk = t.moe_router_topk or src.moe_router_topk
+        require(
+            experts >= 2 and topk <= experts,
+            f"prune.target.num_moe_experts={experts} with top-{topk} routing: keep at least 2 "
+            "experts and at least as many as prune.target.moe_router_topk",
+        )
+        fe = t.moe_ffn_hidden_size or src.moe_ffn_hidden_size
+        moe = dict(num_moe_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=fe)
+        if src.ffn_hidden_size == src.moe_ffn_hidden_size:  # Mixtral: one field in its config
+            moe["ffn_hidden_size"] = fe
+    sizes = dict(
         hidden_size=t.hidden_size or src.hidden_size,
         ffn_hidden_size=t.ffn_hidden_size or src.ffn_hidden_size,
         num_attention_heads=heads,
@@ -129,17 +171,19 @@ def _target_shape(src: ModelArch, t: PruneTarget) -> ModelArch:
         num_layers=t.num_layers or src.num_layers,
         kv_channels=src.kv_channels,
     )
+    return src.replace(**{**sizes, **moe})
 
 
-def student_shape(src: ModelArch, cfg: PruneConfig, tp: int = 1, pp: int = 1) -> ModelArch:
+def student_shape(
+    src: ModelArch, cfg: PruneConfig, tp: int = 1, pp: int = 1, ep: int = 1
+) -> ModelArch:
     """The shape ``prune`` gives ``src`` for ``cfg``, with every check that needs no weights
     (the target rules, exportability, layers dropped by name, the TP/PP layout): what a
     pipeline checks for each student before its first step."""
-    src.require_dense("prune")
     dst = check_target(src, cfg.target)
     if cfg.drop_layers:
         dst = dst.replace(num_layers=src.num_layers - len(set(cfg.drop_layers)))
-    dst.check_parallel(tp, pp)
+    dst.check_parallel(tp, pp, ep)
     return dst
 
 
@@ -287,13 +331,16 @@ def make_plan(
     kept_layers = choose_layers(src, cfg, scores)
     dst = dst.replace(num_layers=len(kept_layers))
     agg = cfg.agg or None
-    width = (
-        dst.hidden_size,
-        dst.ffn_hidden_size,
-        dst.num_attention_heads,
-        dst.num_query_groups,
-    ) != (src.hidden_size, src.ffn_hidden_size, src.num_attention_heads, src.num_query_groups)
+    width = _sizes(dst) != _sizes(src)
     require(scores is not None or not width, "width pruning needs scores= from minitron importance")
+    require(
+        cfg.expert_metric in EXPERT_METRICS,
+        f"prune.expert_metric={cfg.expert_metric!r}: use one of {EXPERT_METRICS}",
+    )
+    require(
+        cfg.moe_neurons in MOE_NEURONS,
+        f"prune.moe_neurons={cfg.moe_neurons!r}: use one of {MOE_NEURONS}",
+    )
     hidden = None
     if dst.hidden_size != src.hidden_size:
         hidden = top_k(scores.hidden(kept_layers, agg), dst.hidden_size)
@@ -305,7 +352,8 @@ def make_plan(
                 LayerPlan(
                     list(range(src.num_query_groups)),
                     [list(range(src.heads_per_group))] * src.num_query_groups,
-                    list(range(src.ffn_hidden_size)),
+                    [] if src.is_moe else list(range(src.ffn_hidden_size)),
+                    *_all_experts(src),
                 )
             )
             continue
@@ -313,6 +361,45 @@ def make_plan(
         groups = top_k(group_scores(head, src.num_query_groups), dst.num_query_groups)
         per_group = head.reshape(src.num_query_groups, src.heads_per_group)
         heads = [top_k(per_group[g], hpg_new) for g in groups]
-        neurons = top_k(scores.site(i, "mlp", agg), dst.ffn_hidden_size)
-        layers.append(LayerPlan(groups, heads, neurons))
+        if src.is_moe:
+            layers.append(LayerPlan(groups, heads, [], *_kept_experts(scores, i, src, dst, cfg)))
+        else:
+            neurons = top_k(scores.site(i, "mlp", agg), dst.ffn_hidden_size)
+            layers.append(LayerPlan(groups, heads, neurons))
     return PrunePlan(src, dst, kept_layers, hidden, layers)
+
+
+def _sizes(arch: ModelArch) -> tuple:
+    """The widths width pruning changes (the MoE ones None for a dense model)."""
+    return (
+        arch.hidden_size,
+        arch.ffn_hidden_size,
+        arch.num_attention_heads,
+        arch.num_query_groups,
+        arch.num_moe_experts,
+        arch.moe_ffn_hidden_size,
+    )
+
+
+def _all_experts(src: ModelArch) -> tuple:
+    if not src.is_moe:
+        return None, None
+    every = list(range(src.moe_ffn_hidden_size))
+    return list(range(src.num_moe_experts)), [every] * src.num_moe_experts
+
+
+def _kept_experts(scores: Scores, i: int, src: ModelArch, dst: ModelArch, cfg: PruneConfig):
+    """Layer ``i``'s kept experts (``prune.expert_metric``) and each one's kept neurons
+    (``prune.moe_neurons``)."""
+    key = f"layer{i}.experts.{cfg.expert_metric}"
+    require(
+        key in scores.tensors,
+        f"the scores have no {key}; re-run minitron importance on this mixture-of-experts model",
+    )
+    experts = top_k(scores.tensors[key], dst.num_moe_experts)
+    per_expert = scores.site(i, "expert_mlp", cfg.agg or None)  # [E, f]
+    width = dst.moe_ffn_hidden_size
+    if cfg.moe_neurons == "shared":
+        shared = top_k(per_expert[experts].sum(0), width)
+        return experts, [shared] * len(experts)
+    return experts, [top_k(per_expert[e], width) for e in experts]

@@ -7,7 +7,11 @@ Tensors are the canonical (global, unsharded) Megatron layouts of ``checkpoint.h
   pruning query groups removes whole groups (their q heads, k and v);
 * ``linear_fc1`` rows are [gate; up] (SwiGLU): a kept neuron keeps its row in both halves;
 * hidden (embedding) channels are columns of the embedding, ``linear_qkv`` and ``linear_fc1``,
-  rows of ``linear_proj`` and ``linear_fc2``, and the entries of every norm.
+  rows of ``linear_proj`` and ``linear_fc2``, and the entries of every norm;
+* a mixture-of-experts layer: pruning experts removes their router rows and their slices of the
+  stacked expert weights ``[E, 2f, h]`` / ``[E, h, f]``; each kept expert keeps its own neurons
+  (the same list for every expert when they are pruned alike); hidden channels are the router's
+  columns and each expert's as in a dense MLP.
 
 ``kv_channels`` (the head dimension) is never changed by width pruning.
 """
@@ -15,6 +19,7 @@ Tensors are the canonical (global, unsharded) Megatron layouts of ``checkpoint.h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -30,7 +35,11 @@ class LayerPlan:
     heads: list[list[int]]
     """For each kept group, the kept query heads, as indices within the group."""
     neurons: list[int]
-    """Kept MLP neurons."""
+    """Kept MLP neurons (dense layers)."""
+    experts: Optional[list[int]] = None
+    """Kept experts (mixture-of-experts layers)."""
+    expert_neurons: Optional[list[list[int]]] = None
+    """For each kept expert, its kept neurons."""
 
 
 def _idx(x) -> torch.Tensor:
@@ -89,21 +98,43 @@ def prune_layer(
 ) -> dict[str, torch.Tensor]:
     """One layer's canonical tensors -> the pruned layer's."""
     hid = None if hidden is None else _idx(hidden)
-    neurons = _idx(plan.neurons)
     out = {
         keys.QKV: slice_qkv(t[keys.QKV], plan, num_groups, kv_channels, hid),
         keys.PROJ: slice_proj(t[keys.PROJ], plan, num_groups, kv_channels, hid),
-        keys.FC1: slice_fc1(t[keys.FC1], neurons, hid),
-        keys.FC2: slice_fc2(t[keys.FC2], neurons, hid),
         keys.INPUT_NORM: t[keys.INPUT_NORM] if hid is None else t[keys.INPUT_NORM][hid],
-        keys.MLP_NORM: t[keys.MLP_NORM] if hid is None else t[keys.MLP_NORM][hid],
     }
+    if keys.ROUTER in t:
+        out.update(prune_experts(t, plan, hid))
+    else:
+        neurons = _idx(plan.neurons)
+        out[keys.FC1] = slice_fc1(t[keys.FC1], neurons, hid)
+        out[keys.FC2] = slice_fc2(t[keys.FC2], neurons, hid)
+        out[keys.MLP_NORM] = t[keys.MLP_NORM] if hid is None else t[keys.MLP_NORM][hid]
     if keys.QKV_BIAS in t:
         out[keys.QKV_BIAS] = slice_qkv(t[keys.QKV_BIAS], plan, num_groups, kv_channels, None)
     for norm in (keys.Q_NORM, keys.K_NORM):  # over the head dimension, which no target prunes
         if norm in t:
             out[norm] = t[norm]
     return out
+
+
+def prune_experts(
+    t: dict[str, torch.Tensor], plan: LayerPlan, hid: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """A mixture-of-experts layer's norm, router and experts -> the kept experts, each with its
+    kept neurons (and the kept hidden channels)."""
+    experts = _idx(plan.experts)
+    fc1 = t[keys.EXPERT_FC1].index_select(0, experts)
+    fc2 = t[keys.EXPERT_FC2].index_select(0, experts)
+    neurons = [_idx(n) for n in plan.expert_neurons]
+    router = t[keys.ROUTER].index_select(0, experts)
+    norm = t[keys.MOE_MLP_NORM]
+    return {
+        keys.ROUTER: router if hid is None else router.index_select(1, hid),
+        keys.EXPERT_FC1: torch.stack([slice_fc1(w, n, hid) for w, n in zip(fc1, neurons)]),
+        keys.EXPERT_FC2: torch.stack([slice_fc2(w, n, hid) for w, n in zip(fc2, neurons)]),
+        keys.MOE_MLP_NORM: norm if hid is None else norm[hid],
+    }
 
 
 def prune_global(t: dict[str, torch.Tensor], hidden: list[int] | None) -> dict[str, torch.Tensor]:
