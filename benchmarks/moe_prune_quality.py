@@ -183,9 +183,10 @@ def main() -> None:
     )
     print(f"{'pruning':<26}{'code':>9}{'docs':>9}{'both':>9}  (mean over seeds {args.seeds})")
     for row in rows:
-        vals = {c: statistics.mean(per_seed[s][row][c] for s in args.seeds) for c in per_seed[
-            args.seeds[0]
-        ][row]}
+        vals = {
+            c: statistics.mean(per_seed[s][row][c] for s in args.seeds)
+            for c in per_seed[args.seeds[0]][row]
+        }
         print(f"{row:<26}{vals[CORPORA[0]]:>9.4f}{vals[CORPORA[1]]:>9.4f}{vals['both']:>9.4f}")
     print(json.dumps({"work_dir": work, "results": {str(s): r for s, r in per_seed.items()}}))
 

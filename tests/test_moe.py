@@ -140,7 +140,12 @@ def _score_and_prune(ckpt, corpus, root, tp=1, pp=1, ep=1):
         nproc=tp * pp * ep,
     )
     minitron(
-        "prune", f"load={ckpt}", f"scores={sc}", f"save={pruned}", *MOE_TARGET, *layout,
+        "prune",
+        f"load={ckpt}",
+        f"scores={sc}",
+        f"save={pruned}",
+        *MOE_TARGET,
+        *layout,
         nproc=tp * pp * ep,
     )
     return Scores.load(sc), read_meta(pruned).prune_plan, canonical_weights(pruned), pruned

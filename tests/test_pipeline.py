@@ -332,8 +332,10 @@ def test_pipeline_from_a_qwen3_moe_hf_teacher(tokenizer_dir, tmp_path):
         "parallel.ep=2",
         "students.0.name=width",
         "students.0.target.hidden_size=48",
+        "students.0.target.ffn_hidden_size=null",  # (the default width student's)
         "students.0.target.moe_ffn_hidden_size=16",
         "students.1.name=experts",
+        "students.1.target.num_layers=null",
         "students.1.target.num_moe_experts=2",
         nproc=2,
     )
@@ -351,3 +353,18 @@ def test_pipeline_from_a_qwen3_moe_hf_teacher(tokenizer_dir, tmp_path):
             experts,
             width,
         ), name
+
+
+def test_export_step_under_several_processes(llama_ckpt, tmp_path):
+    """The pipeline's export runs on rank 0 while the other ranks wait: it made a collective
+    call (the already-complete check) that paired with the waiting ranks' and left them with
+    no metrics (every pipeline launched with torchrun failed at its first export). Both ranks
+    get rank 0's metrics, also when the export is already complete."""
+    out = str(tmp_path / "m")
+    launch(
+        [os.path.join(WORKERS, "export_step.py"), llama_ckpt, str(tmp_path / "hf"), out], nproc=2
+    )
+    got = [json.load(open(f"{out}.rank{r}.json")) for r in (0, 1)]
+    assert got[0] == got[1]
+    assert got[0]["first"]["command"] == "export-hf" and got[0]["first"]["gen_tokens_per_s"] > 0
+    assert got[0]["again"]["skipped"] == "already complete"

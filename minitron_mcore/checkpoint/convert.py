@@ -166,11 +166,14 @@ def _export_fingerprint(save: str) -> str | None:
 
 
 def write_hf_export(cfg: ExportHFConfig) -> dict:
-    """The export itself (one process; ``minitron pipeline`` calls it on rank 0)."""
+    """The export itself (one process; ``minitron pipeline`` calls it on rank 0 alone, so it
+    makes no collective call: the other ranks wait for it in ``fail_together``)."""
     t0 = time.time()
     meta = read_meta(cfg.load)
     fp = fingerprint("export-hf", cfg, {"load": cfg.load})
-    done = already_done("export-hf", cfg.save, cfg.overwrite, fp, _export_fingerprint)
+    done = already_done(
+        "export-hf", cfg.save, cfg.overwrite, fp, _export_fingerprint, every_rank=False
+    )
     if done:
         return done
     check_save_target(cfg.save, cfg.overwrite)

@@ -88,16 +88,24 @@ def fingerprint(command: str, cfg, inputs: dict) -> str:
 
 
 def already_done(
-    command: str, save: str, overwrite: bool, fp: str, recorded: Callable[[str], str | None]
+    command: str,
+    save: str,
+    overwrite: bool,
+    fp: str,
+    recorded: Callable[[str], str | None],
+    every_rank: bool = True,
 ) -> dict | None:
     """``None``: go on (``save`` is free, or ``overwrite`` is set). A dict: ``save`` already
     holds this very output - the metrics to report. Anything else in ``save``: refused.
     ``recorded(save)`` returns the fingerprint stored in a complete output, or ``None``.
-    Decided on rank 0 for every rank (``parallel.rank0_decides``)."""
+    Decided on rank 0 for every rank (``parallel.rank0_decides``, a collective); with
+    ``every_rank=False`` by the calling process alone, for work that one rank does while the
+    others wait (the pipeline's export)."""
     from minitron_mcore.parallel import rank0_decides
 
     require(bool(save), f"save= is empty; pass an output directory for {command}")
-    return rank0_decides(lambda: _done(command, save, overwrite, fp, recorded))
+    decide = lambda: _done(command, save, overwrite, fp, recorded)  # noqa: E731
+    return rank0_decides(decide) if every_rank else decide()
 
 
 def _done(command: str, save: str, overwrite: bool, fp: str, recorded) -> dict | None:

@@ -85,3 +85,10 @@ def block_importance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     matter least."""
     cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
     return (1.0 - cos).sum(), torch.tensor(float(cos.numel()), device=cos.device)
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, ties to the lower index, returned ascending (how
+    pruning keeps channels, heads, neurons and experts: deterministic, in original order)."""
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])

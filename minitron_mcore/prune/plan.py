@@ -13,13 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 from minitron_mcore.checkpoint import hf_mapping
 from minitron_mcore.errors import MinitronError, require
-from minitron_mcore.importance.aggregate import group_scores
+from minitron_mcore.importance.aggregate import group_scores, top_k
 from minitron_mcore.importance.scores import Scores
 from minitron_mcore.models.arch import ModelArch
+from minitron_mcore.prune.experts import all_experts, kept_experts
 from minitron_mcore.prune.slicing import LayerPlan
 
 DEPTH_METRICS = ("block_loss", "layer_loss", "bi")
@@ -88,12 +87,6 @@ class PrunePlan:
             "hidden": self.hidden,
             "layers": [dataclasses.asdict(p) for p in self.layers],
         }
-
-
-def top_k(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k largest scores, ties to the lower index, returned ascending."""
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:k])
 
 
 def check_target(
@@ -353,7 +346,7 @@ def make_plan(
                     list(range(src.num_query_groups)),
                     [list(range(src.heads_per_group))] * src.num_query_groups,
                     [] if src.is_moe else list(range(src.ffn_hidden_size)),
-                    *_all_experts(src),
+                    *all_experts(src),
                 )
             )
             continue
@@ -362,7 +355,7 @@ def make_plan(
         per_group = head.reshape(src.num_query_groups, src.heads_per_group)
         heads = [top_k(per_group[g], hpg_new) for g in groups]
         if src.is_moe:
-            layers.append(LayerPlan(groups, heads, [], *_kept_experts(scores, i, src, dst, cfg)))
+            layers.append(LayerPlan(groups, heads, [], *kept_experts(scores, i, dst, cfg)))
         else:
             neurons = top_k(scores.site(i, "mlp", agg), dst.ffn_hidden_size)
             layers.append(LayerPlan(groups, heads, neurons))
@@ -379,27 +372,3 @@ def _sizes(arch: ModelArch) -> tuple:
         arch.num_moe_experts,
         arch.moe_ffn_hidden_size,
     )
-
-
-def _all_experts(src: ModelArch) -> tuple:
-    if not src.is_moe:
-        return None, None
-    every = list(range(src.moe_ffn_hidden_size))
-    return list(range(src.num_moe_experts)), [every] * src.num_moe_experts
-
-
-def _kept_experts(scores: Scores, i: int, src: ModelArch, dst: ModelArch, cfg: PruneConfig):
-    """Layer ``i``'s kept experts (``prune.expert_metric``) and each one's kept neurons
-    (``prune.moe_neurons``)."""
-    key = f"layer{i}.experts.{cfg.expert_metric}"
-    require(
-        key in scores.tensors,
-        f"the scores have no {key}; re-run minitron importance on this mixture-of-experts model",
-    )
-    experts = top_k(scores.tensors[key], dst.num_moe_experts)
-    per_expert = scores.site(i, "expert_mlp", cfg.agg or None)  # [E, f]
-    width = dst.moe_ffn_hidden_size
-    if cfg.moe_neurons == "shared":
-        shared = top_k(per_expert[experts].sum(0), width)
-        return experts, [shared] * len(experts)
-    return experts, [top_k(per_expert[e], width) for e in experts]
