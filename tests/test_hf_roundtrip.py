@@ -10,7 +10,14 @@ from conftest import FAMILY_CASES, FAMILY_CASES_CORE, hf_logits, megatron_logits
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.mark.parametrize("family", FAMILY_CASES)
+# Mistral's sharded paths are Llama's (its head dim != hidden/heads is also Qwen3's, which runs
+# here): it runs at TP2/PP2 with the slow set, keeping CI under its 30 minutes.
+SHARDED_CASES = [
+    pytest.param(f, marks=pytest.mark.slow) if f == "mistral" else f for f in FAMILY_CASES
+]
+
+
+@pytest.mark.parametrize("family", SHARDED_CASES)
 def test_import_logits_match_hf_at_tp1_tp2_pp2(family, hf_models, tokens, tokens_file, tmp_path):
     ref = hf_logits(hf_models[family], tokens)
     ckpt = str(tmp_path / "ckpt")

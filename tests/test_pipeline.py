@@ -368,3 +368,42 @@ def test_export_step_under_several_processes(llama_ckpt, tmp_path):
     assert got[0] == got[1]
     assert got[0]["first"]["command"] == "export-hf" and got[0]["first"]["gen_tokens_per_s"] > 0
     assert got[0]["again"]["skipped"] == "already complete"
+
+
+def test_moe_recipe_dry_run(tokenizer_dir, tmp_path):
+    """The Qwen3-30B-A3B recipe composes and dry-runs against a tiny Qwen3-MoE teacher (its
+    targets and EP scaled down): an expert-pruned and a width-pruned student, the paper-style
+    budgets; nothing is written."""
+    from minitron_mcore.testing.hf_models import make_hf_model
+
+    hf = make_hf_model("qwen3_moe", str(tmp_path / "hf"), seed=3, tokenizer_dir=tokenizer_dir)
+    r = minitron(
+        "pipeline",
+        "+recipe=qwen3-30b-a3b-experts",
+        f"run_dir={tmp_path}/run",
+        f"teacher={hf}",
+        "pipeline.dry_run=true",
+        "parallel.ep=1",
+        "students.0.target.num_moe_experts=2",
+        "students.1.target.hidden_size=48",
+        "students.1.target.moe_ffn_hidden_size=16",
+        "importance.seq_length=64",
+        "evaluate.seq_length=64",
+    )
+    for want in (
+        "prune.target.num_moe_experts=2",
+        "prune.target.hidden_size=48 prune.target.moe_ffn_hidden_size=16",
+        "[distill.experts]  # 94.00B training tokens",
+        "importance.layer_loss_samples=0",
+    ):
+        assert want in r.stdout, (want, r.stdout[-3000:])
+    assert not os.path.exists(f"{tmp_path}/run")
+    bad = minitron(
+        "pipeline",
+        "+recipe=qwen3-30b-a3b-experts",
+        f"run_dir={tmp_path}/run",
+        f"teacher={hf}",
+        "pipeline.dry_run=true",
+        check=False,
+    )
+    assert bad.returncode == 2 and "parallel.ep=8 does not divide num_moe_experts=4" in bad.stderr

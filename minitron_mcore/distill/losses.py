@@ -76,7 +76,8 @@ class KDSpec:
             require(ok, message, BadValue)
 
 
-def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+def group_all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    """``t`` all-reduced in place over ``group`` (nothing to do for a group of one)."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
@@ -141,7 +142,7 @@ def kd_local(
     if separate_lm:
         z1 = zs.masked_fill(~valid, -math.inf)
         m = torch.cat([m, z1.max(-1).values[None]])
-    m = _all_reduce(m, dist.ReduceOp.MAX, group)
+    m = group_all_reduce(m, dist.ReduceOp.MAX, group)
     es = torch.exp(ss - m[0, :, None])  # 0 at padded entries
     et = torch.exp(st - m[1, :, None])  # 0 at padded / cut entries
     diff = st - ss if kept is None else torch.where(kept, st - ss, 0.0)  # finite log-ratios
@@ -154,7 +155,7 @@ def kd_local(
         picked = zs.gather(-1, local.clamp(0, part - 1)[:, None])[:, 0]
         e1 = torch.exp(z1 - m[2, :, None]) if separate_lm else es
         sums += [e1.sum(-1) if separate_lm else sums[0], torch.where(mine, picked, 0.0)]
-    s = _all_reduce(torch.stack(sums), dist.ReduceOp.SUM, group)
+    s = group_all_reduce(torch.stack(sums), dist.ReduceOp.SUM, group)
     lse_s, lse_t = m[0] + s[0].log(), m[1] + s[1].log()
     if spec.mode == "forward":
         kl = s[2] / s[1] - lse_t + lse_s  # sum p_t (log p_t - log p_s)
@@ -185,7 +186,7 @@ def kd_local(
     return kd, lm, grad
 
 
-def _grad_wanted(*tensors: torch.Tensor) -> bool:
+def grad_wanted(*tensors: torch.Tensor) -> bool:
     """Will backward run through these inputs? Decided by the caller's grad mode, not only by
     ``requires_grad``: under ``torch.no_grad()`` (validation) the student's weights still
     require grad, and inside ``Function.forward`` both the grad mode (always off there) and
@@ -228,7 +229,7 @@ def vocab_parallel_kd(
     zs = student_logits.reshape(-1, student_logits.shape[-1])
     zt = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     lab = None if labels is None else labels.reshape(-1)
-    need = _grad_wanted(student_logits)
+    need = grad_wanted(student_logits)
     kd, lm = _VocabParallelKD.apply(zs, zt, lab, spec, vocab_start, group, need)
     return kd.reshape(lead), lm.reshape(lead)
 
@@ -311,5 +312,5 @@ def chunked_kd(
         vocab_start,
         max(1, int(chunk_tokens)),
         group,
-        _grad_wanted(student_hidden, student_weight),
+        grad_wanted(student_hidden, student_weight),
     )
