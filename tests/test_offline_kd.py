@@ -135,3 +135,44 @@ def test_stored_rows_round_trip(precision):
     exact, _ = offline_kd(zs, ids, logp, log_tail, KDSpec(vocab))
     coded, _ = offline_kd(zs, ids2, logp2, tail2, KDSpec(vocab))
     assert (coded - exact).abs().max() <= (0.02 if precision == "bf16" else 0.05)
+
+
+def test_logit_store_resumes_and_reads_by_sample_position(tmp_path):
+    """Shards are written whole and found again by a re-run (only the missing ones are left);
+    rows come back by training-order position across shards; a reader with another
+    fingerprint, an incomplete store, a truncated shard and a foreign directory are refused in
+    one line each."""
+    import numpy as np
+
+    from minitron_mcore.distill.logit_store import LogitStore, StoreInfo
+    from minitron_mcore.errors import MinitronError
+
+    info = StoreInfo(
+        "fp1", k=4, precision="int8", vocab_size=300, seq_length=3, samples=10, shard_samples=4
+    )
+    path = str(tmp_path / "logits")
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=(10, 3, info.row_bytes), dtype=np.uint8)
+    store = LogitStore.create(path, info)
+    assert store.missing() == [0, 1, 2]
+    store.write_shard(0, data[0:4])
+    store.write_shard(2, data[8:10])
+    with pytest.raises(MinitronError, match="incomplete .1 of 3 shards missing"):
+        LogitStore.open(path)
+    again = LogitStore.create(path, info)  # a resumed run keeps what is complete
+    assert again.missing() == [1]
+    again.write_shard(1, data[4:8])
+    reader = LogitStore.open(path, "fp1")
+    assert np.array_equal(reader.rows([9, 0, 5, 4]), data[[9, 0, 5, 4]])
+    with pytest.raises(MinitronError, match="another teacher, data or sample order"):
+        LogitStore.open(path, "fp2")
+    with pytest.raises(MinitronError, match="beyond the 10 samples"):
+        reader.rows([10])
+    with pytest.raises(MinitronError, match="already holds something else"):
+        LogitStore.create(path, StoreInfo("fp2", 4, "int8", 300, 3, 10, 4))
+    shard = os.path.join(path, "shard-00001.npy")
+    with open(shard, "r+b") as f:  # a shard cut short (a disk that filled up)
+        f.truncate(os.path.getsize(shard) - 5)
+    assert LogitStore.create(path, info).missing() == [1]
+    with pytest.raises(MinitronError, match="not a teacher-logits directory"):
+        LogitStore.open(str(tmp_path))
