@@ -81,6 +81,12 @@ COMMANDS = {
             "retrain a pruned student against a teacher with knowledge distillation",
         ),
         Command(
+            "teacher-logits",
+            "minitron_mcore.stages.teacher_logits:teacher_logits",
+            "minitron_mcore.stages.teacher_logits:TeacherLogitsConfig",
+            "store a teacher's top-k predictions for a distillation run (offline KD)",
+        ),
+        Command(
             "evaluate",
             "minitron_mcore.evaluate:evaluate",
             "minitron_mcore.evaluate:EvaluateConfig",
