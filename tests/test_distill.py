@@ -357,3 +357,106 @@ def test_teacher_with_a_differently_padded_vocabulary(teacher, student, corpora,
         assert abs(row[key] - ref_row[key]) <= 1e-6 * abs(ref_row[key]), (tp, key, row, ref_row)
     for k in ref_w:
         assert (w[k] - ref_w[k]).abs().max() <= 1e-6 * ref_w[k].abs().max(), (tp, k)
+
+
+def test_distillation_from_stored_predictions_follows_online_top_k(
+    student, teacher, corpora, tmp_path
+):
+    """``teacher-logits`` then ``distill teacher_logits=`` (no teacher in memory) follows the
+    online top-k run (``distill.top_k``, the teacher's logits in memory) step by step within the
+    stored bf16 precision, validation included; predictions for another run's keys are refused
+    in one line."""
+    import json
+
+    data = corpora["stdlib-code"]
+    keys = [
+        f"data.train=[{data}]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.steps=4",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.seq_length=64",
+        "train.eval_iters=1",
+        "train.eval_interval=2",
+        "distill.top_k=8",
+    ]
+    run = [
+        f"load={student}",
+        f"teacher={teacher}",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.precision=fp32",
+        "train.log_interval=1",
+        *keys,
+    ]
+    logits = str(tmp_path / "logits")
+    minitron("teacher-logits", f"load={teacher}", f"save={logits}", *keys)
+    minitron("distill", *run, f"save={tmp_path}/online")
+    minitron("distill", *run, f"save={tmp_path}/offline", f"teacher_logits={logits}")
+    on, off = (read_log(f"{tmp_path}/{n}.logs/train_log.jsonl") for n in ("online", "offline"))
+    on_steps = [r["train/loss"] for r in on if "train/loss" in r]
+    off_steps = [r["train/loss"] for r in off if "train/loss" in r]
+    assert len(on_steps) == len(off_steps) == 4
+    for a, b in zip(on_steps, off_steps):
+        assert abs(a - b) <= 1e-2 * max(1.0, abs(a)), (on_steps, off_steps)
+    on_val = [r["valid/loss"] for r in on if "valid/loss" in r]
+    off_val = [r["valid/loss"] for r in off if "valid/loss" in r]
+    assert on_val and len(on_val) == len(off_val)
+    assert all(abs(a - b) <= 1e-2 * max(1.0, abs(a)) for a, b in zip(on_val, off_val))
+    with open(f"{tmp_path}/offline/metrics.json") as f:
+        assert json.load(f)["teacher_logits"] == logits
+    bad = minitron(
+        "distill",
+        *run,
+        "train.steps=5",
+        f"save={tmp_path}/bad",
+        f"teacher_logits={logits}",
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "computed for another teacher, data or sample order" in _one_error(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_offline_distillation_sharded_equals_one_process(
+    student, teacher, corpora, tmp_path, layout
+):
+    """From the same stored predictions, distillation at TP=2 / PP=2 follows one process's:
+    every step's loss and gradient norm (rel <= 1e-5)."""
+    data = corpora["stdlib-code"]
+    keys = [
+        f"data.train=[{data}]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.steps=3",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.seq_length=64",
+        "train.eval_iters=0",
+        "distill.top_k=8",
+    ]
+    logits = str(tmp_path / "logits")
+    minitron("teacher-logits", f"load={teacher}", f"save={logits}", *keys)
+    run = [
+        f"load={student}",
+        f"teacher={teacher}",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.precision=fp32",
+        "train.log_interval=1",
+        f"teacher_logits={logits}",
+        *keys,
+    ]
+    minitron("distill", *run, f"save={tmp_path}/one")
+    minitron("distill", *run, f"save={tmp_path}/two", layout, nproc=2)
+    rows = [
+        [
+            (r["train/loss"], r["train/grad_norm"])
+            for r in read_log(f"{tmp_path}/{n}.logs/train_log.jsonl")
+            if "train/loss" in r
+        ]
+        for n in ("one", "two")
+    ]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for (a, ga), (b, gb) in zip(*rows):
+        assert abs(a - b) <= 1e-5 * abs(a) and abs(ga - gb) <= 1e-5 * abs(ga), rows

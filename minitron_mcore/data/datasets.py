@@ -336,6 +336,10 @@ class GlobalBatches:
         share = self.g // self.dp_size
         start = first + self.dp_rank * share
         idx = [(start + j) % len(self.ds) for j in range(share)]
-        return [
-            collate([self.ds[i] for i in idx[k : k + self.mbs]]) for k in range(0, share, self.mbs)
-        ]
+        out = []
+        for k in range(0, share, self.mbs):
+            mb = collate([self.ds[i] for i in idx[k : k + self.mbs]])
+            # each sample's position in the read order: where stored teacher predictions are
+            mb["positions"] = torch.arange(start + k, start + k + self.mbs)
+            out.append(mb)
+        return out

@@ -150,3 +150,55 @@ def kd_objective(
         model=make_pair,
         adjust_tensor_shapes_fn=widen,
     )
+
+
+def _offline_loss_func(store, spec: KDSpec, tail: bool, batch, logits):
+    """Last stage: the student's logits [b, s, V/tp] against the stored teacher predictions of
+    the micro-batch's samples (found by their positions in the read order)."""
+    from megatron.core import parallel_state as ps
+
+    from minitron_mcore.distill.offline import offline_kd
+    from minitron_mcore.distill.topk_codec import decode
+    from minitron_mcore.parallel import to_device
+
+    info = store.info
+    rows = store.rows(batch["positions"].tolist()).reshape(-1, info.row_bytes)
+    ids, logp, log_tail = to_device(decode(rows, info.k, info.vocab_size, info.precision))
+    b, s, part = logits.shape
+    kd, lm = offline_kd(
+        logits.reshape(b * s, part),
+        ids,
+        logp,
+        log_tail,
+        spec,
+        tail,
+        batch["labels"].reshape(-1),
+        vocab_start=ps.get_tensor_model_parallel_rank() * part,
+        group=ps.get_tensor_model_parallel_group(),
+    )
+    mask = batch["loss_mask"].reshape(-1).to(kd.dtype)
+    kd_sum, count = (kd * mask).sum(), mask.sum()
+    report = {
+        KD: torch.stack([kd_sum.detach(), count]),
+        LM: torch.stack([(lm * mask).sum(), count]),
+    }
+    return kd_sum, count.to(torch.int), report
+
+
+def offline_kd_objective(train_store, valid_store, spec: KDSpec, tail: bool) -> Objective:
+    """Training (and validation) of the student against stored teacher predictions
+    (``minitron teacher-logits``): no teacher in memory."""
+
+    def step_for(store):
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            logits = model(batch["tokens"], batch["position_ids"], None)
+            return logits, partial(_offline_loss_func, store, spec, tail, batch)
+
+        return step
+
+    return Objective(
+        forward_step=step_for(train_store),
+        eval_step=step_for(valid_store) if valid_store is not None else None,
+        primary=KD,
+    )

@@ -26,7 +26,7 @@ from minitron_mcore.data.tokenizer import Tokenizer
 from minitron_mcore.distill import checks
 from minitron_mcore.distill import intermediate as inter
 from minitron_mcore.distill.losses import KDSpec
-from minitron_mcore.distill.objective import HiddenLoss, kd_objective
+from minitron_mcore.distill.objective import HiddenLoss, kd_objective, offline_kd_objective
 from minitron_mcore.errors import require
 from minitron_mcore.models.build import dtype_name, resolve_dtype, train_dtype
 from minitron_mcore.parallel import fail_together, parallel_context
@@ -36,6 +36,7 @@ from minitron_mcore.stages.common import (
     finished_run,
     train_job,
 )
+from minitron_mcore.stages.teacher_logits import open_stores
 from minitron_mcore.train import fast_paths
 from minitron_mcore.train.config import resolve_train_config
 from minitron_mcore.train.loop import Trainer
@@ -69,6 +70,9 @@ class DistillOptions:
     last pipeline stage. Teacher layers come from the prune plan's layer map."""
     intermediate_balance: bool = True
     """Rescale the hidden-state loss to the logit loss's magnitude before weighting."""
+    offline_tail: bool = False
+    """With ``teacher_logits=``: model the teacher's mass outside its stored top-k as one more
+    outcome (temperature 1) instead of renormalising over the k (= the online top-k loss)."""
 
 
 @dataclass
@@ -82,6 +86,10 @@ class DistillConfig(TrainingRunKeys):
     save: str = ""
     """Output checkpoint (resumed automatically if it holds this run's state)."""
     distill: DistillOptions = field(default_factory=DistillOptions)
+    teacher_logits: str = ""
+    """Stored teacher predictions (``minitron teacher-logits`` with this run's keys): the KD
+    loss reads them and the teacher is not loaded (``teacher=`` still names it: the checks
+    compare its tokenizer and the predictions' fingerprint)."""
 
 
 def _spec(opts: DistillOptions, vocab_size: int) -> KDSpec:
@@ -176,8 +184,22 @@ def distill(cfg: DistillConfig) -> dict:
         dtype_name(dtype),
         load=smeta.checkpoint_id,
         teacher=tmeta.checkpoint_id,
-        distill=dataclasses.asdict(cfg.distill),
+        # (offline_tail only where it is read: online runs keep their signature)
+        distill={
+            k: v
+            for k, v in dataclasses.asdict(cfg.distill).items()
+            if k != "offline_tail" or cfg.teacher_logits
+        },
     )
+    stores = None
+    if cfg.teacher_logits:
+        stores = open_stores(cfg.teacher_logits, cfg.teacher, cfg.data, train, cfg.seed)
+        require(
+            not cfg.distill.intermediate_weight,
+            "distill.intermediate_weight needs the teacher's hidden states; stored predictions "
+            "hold its logits only (drop teacher_logits= or the hidden-state loss)",
+        )
+        signature["teacher_logits"] = stores[0].info.fingerprint
     plan = plan_resume(cfg.save, cfg.resume, cfg.overwrite, signature, cfg.resume_override)
     if plan.finished:
         return finished_run(plan, cfg.save)
@@ -195,10 +217,15 @@ def distill(cfg: DistillConfig) -> dict:
             spec.temperature,
         )
         student, _ = load_model(cfg.load, dtype, **fast_paths.model_kwargs(train, cfg.parallel))
-        # The teacher runs in the student's schedule: the same sequence split between stages.
-        sp = student.config.sequence_parallel
-        teacher, _ = load_model(cfg.teacher, teacher_dtype, sequence_parallel=sp)
-        hidden = _hidden_loss(cfg.distill, student, teacher, smeta, tmeta)
+        if stores is not None:  # no teacher in memory
+            teacher = None
+            objective = offline_kd_objective(*stores, spec, cfg.distill.offline_tail)
+        else:
+            # The teacher runs in the student's schedule: the same sequence split between stages.
+            sp = student.config.sequence_parallel
+            teacher, _ = load_model(cfg.teacher, teacher_dtype, sequence_parallel=sp)
+            hidden = _hidden_loss(cfg.distill, student, teacher, smeta, tmeta)
+            objective = kd_objective(teacher, spec, cfg.distill.chunk_tokens, hidden)
         job = train_job(
             "distill",
             cfg,
@@ -208,11 +235,16 @@ def distill(cfg: DistillConfig) -> dict:
             dataclasses.replace(smeta, dtype=dtype_name(dtype)),
             tokenizer,
             train,
-            objective=kd_objective(teacher, spec, cfg.distill.chunk_tokens, hidden),
-            extra_metrics={"teacher": cfg.teacher, "pruned_from_teacher": pruned_from_teacher},
+            objective=objective,
+            extra_metrics={
+                "teacher": cfg.teacher,
+                "pruned_from_teacher": pruned_from_teacher,
+                "teacher_logits": cfg.teacher_logits or None,
+            },
         )
         trainer = Trainer(job)
-        job.extra_metrics.update(_check_teacher(trainer, teacher, cfg.teacher, spec.vocab_size))
+        if teacher is not None:
+            job.extra_metrics.update(_check_teacher(trainer, teacher, cfg.teacher, spec.vocab_size))
         metrics = trainer.run()
     emit_metrics(metrics, cfg.save)
     return metrics

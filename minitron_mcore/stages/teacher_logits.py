@@ -18,6 +18,7 @@ same keys and computes only the missing shards.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -94,9 +95,9 @@ def logits_fingerprint(
     return fingerprint("teacher-logits", keys, inputs)
 
 
-def _rows_step(vocab: int, k: int, precision: str, out: list):
+def _rows_step(vocab: int, k: int, precision: str):
     """A forward-only step: the teacher's logits -> this micro-batch's rows, appended to
-    ``out`` (last pipeline stage)."""
+    ``step.rows`` (last pipeline stage)."""
     from megatron.core import parallel_state as ps
 
     def loss(output):
@@ -104,15 +105,28 @@ def _rows_step(vocab: int, k: int, precision: str, out: list):
         b, s, part = output.shape
         start = ps.get_tensor_model_parallel_rank() * part
         ids, logp, tail = teacher_top_k(output.reshape(b * s, part), k, vocab, start, tp_group)
-        out.append(encode(ids, logp, tail, vocab, precision).reshape(b, s, -1))
-        zero = output.new_zeros(())
-        return zero, torch.ones((), dtype=torch.int), {}
+        step.rows.append(encode(ids, logp, tail, vocab, precision).reshape(b, s, -1))
+        return output.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
     def step(data_iterator, model):
         batch = next(data_iterator)
         return model(batch["tokens"], batch["position_ids"], None), loss
 
+    step.rows = []
     return step
+
+
+def store_path(save: str, name: str) -> str:
+    """Where the training ("train") and validation ("valid") predictions of ``save`` lie."""
+    return save if name == "train" else os.path.join(save, name)
+
+
+def _open_for_writing(save: str, stores: dict, overwrite: bool) -> dict:
+    """Create (or find again) each store; ``{name: shards still missing}``."""
+    out = {}
+    for name, info in stores.items():
+        out[name] = LogitStore.create(store_path(save, name), info, overwrite).missing()
+    return out
 
 
 def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
@@ -141,20 +155,23 @@ def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     fp = logits_fingerprint(
         cfg.load, cfg.data, t.seq_length, samples, cfg.seed, opts.top_k, opts.precision
     )
-    info = StoreInfo(fp, opts.top_k, opts.precision, tok.vocab_size, t.seq_length, samples, per)
+    stores = {
+        "train": StoreInfo(
+            fp, opts.top_k, opts.precision, tok.vocab_size, t.seq_length, samples, per
+        )
+    }
+    if t.eval_iters > 0:  # the validation batches the run evaluates on, by their positions
+        stores["valid"] = dataclasses.replace(stores["train"], samples=t.eval_iters * gbs)
     # made (or found again, for a resumed run) by rank 0, its answer shared
-    rank0_decides(lambda: LogitStore.create(cfg.save, info, cfg.overwrite).info)
-    store = LogitStore(cfg.save, info)
-    missing = rank0_decides(store.missing)
+    missing = rank0_decides(lambda: _open_for_writing(cfg.save, stores, cfg.overwrite))
     with parallel_context(cfg.parallel, cfg.seed):
         from megatron.core import parallel_state as ps
 
         dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        mbs = t.micro_batch_size
-        require(per % mbs == 0, "train.micro_batch_size must divide train.global_batch_size")
+        require(per % t.micro_batch_size == 0, "train.micro_batch_size must divide the batch")
         model, _ = load_model(cfg.load)
         model.eval()
-        train_ds, _ = build_datasets(
+        datasets = build_datasets(
             cfg.data,
             tok,
             t.seq_length,
@@ -162,7 +179,6 @@ def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
             train_samples=samples,
             valid_samples=t.eval_iters * gbs,
         )
-        mine = [i for i in missing if i % dp == dpr]
         writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         log0(
             "teacher-logits: %d samples x %d tokens, top-%d (%s, %d bytes/token), %d of %d "
@@ -171,28 +187,26 @@ def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
             t.seq_length,
             opts.top_k,
             opts.precision,
-            info.row_bytes,
-            len(missing),
-            info.num_shards,
+            stores["train"].row_bytes,
+            len(missing["train"]),
+            stores["train"].num_shards,
         )
-        for i in progress(mine, "teacher-logits", unit="shard"):
-            n = info.shard_shape(i)[0]
-            first = i * per
-            batches = [
-                collate([train_ds[(first + j + a) % len(train_ds)] for a in range(mbs)])
-                for j in range(0, n, mbs)
-            ]
-            rows: list = []
-            with torch.no_grad():
-                run_schedule(
-                    model,
-                    _rows_step(tok.vocab_size, opts.top_k, opts.precision, rows),
-                    batches,
-                    t.seq_length,
-                    True,
-                )
-            if writer:
-                store.write_shard(i, np.concatenate(rows))
+        for (name, info), ds in zip(stores.items(), datasets):
+            store = LogitStore(store_path(cfg.save, name), info)
+            mine = [i for i in missing[name] if i % dp == dpr]  # replicas take turns
+            step = _rows_step(tok.vocab_size, opts.top_k, opts.precision)
+            for i in progress(mine, f"teacher-logits ({name})", unit="shard"):
+                first, n = i * per, info.shard_shape(i)[0]
+                mbs = t.micro_batch_size
+                batches = [
+                    collate([ds[(first + j + a) % len(ds)] for a in range(mbs)])
+                    for j in range(0, n, mbs)
+                ]
+                step.rows.clear()
+                with torch.no_grad():
+                    run_schedule(model, step, batches, t.seq_length, True)
+                if writer:
+                    store.write_shard(i, np.concatenate(step.rows))
         fail_together(lambda: None)  # every replica's shards are written before anyone reports
     tokens = samples * t.seq_length
     metrics = {
@@ -202,9 +216,40 @@ def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
         "tokens": tokens,
         "top_k": opts.top_k,
         "precision": opts.precision,
-        "bytes_per_token": info.row_bytes,
-        "shards_computed": len(missing),
+        "bytes_per_token": stores["train"].row_bytes,
+        "shards_computed": sum(len(m) for m in missing.values()),
         "seconds": round(time.time() - t0, 3),
     }
     emit_metrics(metrics, cfg.save)
     return metrics
+
+
+def open_stores(path: str, teacher: str, data: DataConfig, train: TrainConfig, seed: int):
+    """The stored predictions a distillation run (``distill teacher_logits=``) reads: (train
+    store, validation store or None), refused in one line when they were computed for another
+    teacher, data or sample order than this run's."""
+    store = LogitStore.open(path)
+    info = store.info
+    want = logits_fingerprint(
+        teacher,
+        data,
+        train.seq_length,
+        train.steps * train.global_batch_size,
+        seed,
+        info.k,
+        info.precision,
+    )
+    require(
+        info.fingerprint == want and info.samples == train.steps * train.global_batch_size,
+        f"teacher_logits={path} were computed for another teacher, data or sample order than "
+        "this run's; run `minitron teacher-logits` with this run's teacher=, data.*, "
+        "train.steps/seq_length/global_batch_size and seed",
+    )
+    valid = None
+    if train.eval_iters > 0:
+        valid = LogitStore.open(store_path(path, "valid"), info.fingerprint)
+        require(
+            valid.info.samples >= train.eval_iters * train.global_batch_size,
+            f"teacher_logits={path} cover fewer validation batches than train.eval_iters",
+        )
+    return store, valid
