@@ -407,3 +407,43 @@ def test_moe_recipe_dry_run(tokenizer_dir, tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "parallel.ep=8 does not divide num_moe_experts=4" in bad.stderr
+
+
+def test_offline_logits_dry_run(tmp_path):
+    """pipeline.offline_logits=true: one teacher-logits step over the distillation data, with the
+    students' train keys, before the students; every distill step reads it."""
+    r = _pipeline(
+        str(tmp_path / "run"),
+        "pipeline.dry_run=true",
+        "pipeline.offline_logits=true",
+        "pipeline.offline_top_k=16",
+    )
+    out = r.stdout
+    assert out.count("minitron teacher-logits ") == 1
+    first = out.index("[teacher-logits]")
+    assert first < out.index("[prune.width]") and first < out.index("[distill.width]")
+    line = out[first:].splitlines()[1]
+    for want in (
+        "distill.top_k=16",
+        "train.steps=40",
+        "train.global_batch_size=8",
+        "train.seq_length=64",
+    ):
+        assert want in line, (want, line)
+    assert out.count(f"teacher_logits={tmp_path}/run/teacher-logits") == 2
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_pipeline_with_offline_logits(tmp_path):
+    """The tiny pipeline with its students distilled from stored teacher predictions: the
+    teacher-logits step runs once, both students train from it and are evaluated, exported
+    and reported."""
+    out = str(tmp_path / "run")
+    _pipeline(out, "pipeline.offline_logits=true", "pipeline.offline_top_k=16")
+    marks = {f[:-5] for f in os.listdir(os.path.join(out, "stages")) if f.endswith(".json")}
+    assert {"teacher-logits", "distill.width", "distill.depth", "export.width"} <= marks
+    for name in ("width", "depth"):
+        m = _marker(out, f"distill.{name}")["metrics"]
+        assert m["teacher_logits"] == os.path.join(out, "teacher-logits")
+    assert "`width.distilled`" in open(os.path.join(out, "report.md")).read()

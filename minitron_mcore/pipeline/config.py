@@ -149,6 +149,13 @@ class PipelineOptions:
     """``pipeline.from.<stage>=PATH``: use PATH as the stage's output instead of running it."""
     dry_run: bool = False
     """Print every stage's resolved command and the token budget, run nothing."""
+    offline_logits: bool = False
+    """Run the corrected teacher once over the distillation data (``minitron teacher-logits``)
+    and distil every student from its stored top-k predictions (no teacher in memory while the
+    students train; the online loss is ``distill.top_k``'s at k = ``offline_top_k``)."""
+    offline_top_k: int = 64
+    offline_precision: str = "bf16"
+    """bf16 or int8 log-probabilities."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ Layout of the run directory::
     teacher/                    the imported (or pretrained) teacher
     teacher-corrected/          after teacher correction
     scores/                     importance scores
+    teacher-logits/             the corrected teacher's stored top-k (pipeline.offline_logits)
     students/<name>/pruned/     each student variant, pruned ...
     students/<name>/distilled/  ... and distilled
     eval/<model>.<corpus>/      validation metrics of every model on both corpora
@@ -34,9 +35,12 @@ def plan(cfg: PipelineConfig, teacher) -> list[Step]:
     if corrected != teacher:
         models["teacher-corrected"] = corrected
     students = {}
+    logits = ""
+    if cfg.pipeline.offline_logits and cfg.students:  # once, shared by every student
+        logits = p.add(S.teacher_logits_step(p, corrected))
     for v in cfg.students:
         pruned = p.add(S.prune_step(p, v, corrected, scores))
-        distilled = p.add(S.distill_step(p, v, pruned, corrected), passthrough=pruned)
+        distilled = p.add(S.distill_step(p, v, pruned, corrected, logits), passthrough=pruned)
         models[f"{v.name}.pruned"] = pruned
         if distilled != pruned:
             models[f"{v.name}.distilled"] = distilled

@@ -141,7 +141,28 @@ def prune_step(p, v: StudentVariant, corrected: str, scores: str) -> Step:
     return Step(f"prune.{v.name}", "prune", "prune", c, c.save, lambda: prune(c), v.name)
 
 
-def distill_step(p, v: StudentVariant, pruned: str, teacher: str) -> Step:
+def teacher_logits_step(p, teacher: str) -> Step:
+    """The teacher's stored top-k over the distillation data, in the students' sample order
+    (the same data, ``distill.train`` and seed keys as their runs)."""
+    from minitron_mcore.stages.teacher_logits import StoredKD, TeacherLogitsConfig, teacher_logits
+
+    cfg = p.cfg
+    c = TeacherLogitsConfig(
+        load=teacher,
+        save=p.path("teacher-logits"),
+        data=stage_data(cfg, "distill"),
+        train=cfg.distill.train,
+        distill=StoredKD(
+            top_k=cfg.pipeline.offline_top_k, precision=cfg.pipeline.offline_precision
+        ),
+        **_common(p),  # (no overwrite: a killed run's complete shards are kept)
+    )
+    return Step(
+        "teacher-logits", "teacher-logits", "teacher-logits", c, c.save, lambda: teacher_logits(c)
+    )
+
+
+def distill_step(p, v: StudentVariant, pruned: str, teacher: str, logits: str = "") -> Step:
     from minitron_mcore.stages.distill import DistillConfig, distill
 
     cfg = p.cfg
@@ -152,6 +173,7 @@ def distill_step(p, v: StudentVariant, pruned: str, teacher: str) -> Step:
         distill=cfg.distill.distill,
         data=stage_data(cfg, "distill"),
         train=cfg.distill.train,
+        teacher_logits=logits,
         **_common(p),
     )
     step = Step(f"distill.{v.name}", "distill", "distill", c, c.save, lambda: distill(c), v.name)
