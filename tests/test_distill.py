@@ -460,3 +460,42 @@ def test_offline_distillation_sharded_equals_one_process(
     assert len(rows[0]) == len(rows[1]) == 3
     for (a, ga), (b, gb) in zip(*rows):
         assert abs(a - b) <= 1e-5 * abs(a) and abs(ga - gb) <= 1e-5 * abs(ga), rows
+
+
+@pytest.mark.slow
+def test_offline_distillation_resumes_exactly_after_sigkill(student, teacher, corpora, tmp_path):
+    """SIGKILL right after the first checkpoint of a distillation from stored predictions; the
+    re-run resumes (reading the rows of the samples it had not consumed) and ends bitwise equal
+    to an uninterrupted run."""
+    from conftest import canonical_weights, run_and_kill_when
+
+    data = corpora["stdlib-code"]
+    keys = [
+        f"data.train=[{data}]",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.steps=4",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.seq_length=64",
+        "train.eval_iters=0",
+        "distill.top_k=8",
+    ]
+    logits = str(tmp_path / "logits")
+    minitron("teacher-logits", f"load={teacher}", f"save={logits}", *keys)
+    run = [
+        "distill",
+        f"load={student}",
+        f"teacher={teacher}",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.precision=fp32",
+        "train.save_interval=2",
+        f"teacher_logits={logits}",
+        *keys,
+    ]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    minitron(*run, f"save={ref}")
+    run_and_kill_when([*run, f"save={cut}"], os.path.join(cut, "minitron.json"))
+    minitron(*run, f"save={cut}")
+    a, b = canonical_weights(ref), canonical_weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

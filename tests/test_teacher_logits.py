@@ -111,3 +111,25 @@ def test_resume_computes_only_missing_shards(stored, llama_ckpt, tmp_path):
     bad = _run(llama_ckpt, copy, root, "distill.top_k=4", check=False)
     assert bad.returncode == 2 and "already holds something else" in bad.stderr.splitlines()[-1]
     assert np.load(os.path.join(copy, "shard-00000.npy")).shape[-1] == 27  # untouched
+
+
+def test_sigkill_then_rerun_gives_identical_predictions(llama_ckpt, tmp_path):
+    """SIGKILL while the third of six shards is being computed; the re-run computes the rest
+    and every shard is byte-identical to an uninterrupted run's."""
+    import json
+
+    from conftest import run_and_kill_when
+
+    keys = ["train.steps=6", f"data.cache_dir={tmp_path}/cache"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    _run(llama_ckpt, ref, tmp_path, *keys)
+    args = ["teacher-logits", f"load={llama_ckpt}", f"save={cut}", *KEYS, *keys]
+    run_and_kill_when(args, os.path.join(cut, "shard-00002.npy"))
+    assert not os.path.exists(os.path.join(cut, "shard-00005.npy"))
+    r = _run(llama_ckpt, cut, tmp_path, *keys)
+    assert 0 < json.loads(r.stdout.strip().splitlines()[-1])["shards_computed"] < 8
+    for root, _, files in os.walk(ref):
+        for f in files:
+            if f.startswith("shard-"):
+                other = os.path.join(cut, os.path.relpath(os.path.join(root, f), ref))
+                assert open(os.path.join(root, f), "rb").read() == open(other, "rb").read(), f
