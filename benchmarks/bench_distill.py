@@ -50,6 +50,11 @@ that stays active once Megatron has been set up).
     per token, ``clip_grad_norm_``, ``AdamW``; bf16 = student in fp32 under ``autocast`` (as
     ``bench_train.py``), frozen teacher cast to bf16.
 
+(d) the same with a third student trained from the teacher's stored top-k (``--top-k``; rows
+    held in memory: the disk read is not measured) by ``offline_kd_objective``: its step time /
+    the CE step's, the teacher-logits pass per batch (teacher forward, top-k, encoding), and the
+    number of students x epochs reading the same logits from which storing them pays.
+
 (c) KD step time / CE step time of the same student, each side on its own engine (ours:
     ``lm_forward_step``; transformers: ``model(input_ids, labels=...)``), KD and CE steps
     interleaved in one process with alternating order (separate, identical students).  The
@@ -57,8 +62,8 @@ that stays active once Megatron has been set up).
     no implementation gets below it by much.
 
 Goals (the issue): (a) ours <= 0.25x naive at TP=1, <= 0.15x per rank at TP=2; (b) ours >= 1.5x
-transformers; (c) ours <= 1.3x (transformers ~1.6-1.7x).  Prints tables, the ratios against
-the goals and one JSON line.
+transformers; (c) ours <= 1.3x (transformers ~1.6-1.7x); (d) offline <= 1.15x.  Prints
+tables, the ratios against the goals and one JSON line.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ GOALS = {  # name: (goal, "<=" or ">=", description)
     "memory_tp2": (0.15, "<=", "(a) KD loss peak memory per rank, ours / naive, TP=2"),
     "kd_tokens_per_s": (1.5, ">=", "(b) distillation tokens/s, ours / transformers"),
     "kd_over_ce_ours": (1.3, "<=", "(c) KD step / CE step, ours"),
+    "offline_over_ce_ours": (1.15, "<=", "(d) KD step from stored top-k / CE step, ours"),
 }
 MODEL_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads")
 TEACHER = dict(layers=8, hidden=512, ffn=1536, heads=8, kv_heads=4)
@@ -137,6 +143,7 @@ def parse_args(argv=None):
         for f in MODEL_FIELDS:
             g.add_argument(f"--{who}-{f.replace('_', '-')}", type=int, default=d[f])
     g.add_argument("--chunk", type=int, default=1024, help="distill.chunk_tokens of (b, c)")
+    g.add_argument("--top-k", type=int, default=64, help="k of (d), the stored top-k")
     g.add_argument(
         "--teacher-dtype",
         default="auto",
@@ -366,7 +373,7 @@ def run_transformers(a: dict, precision: str, batches) -> dict:
 
 def run_ours(a: dict, precision: str, batches) -> dict:
     from minitron_mcore.distill.losses import KDSpec
-    from minitron_mcore.distill.objective import kd_objective
+    from minitron_mcore.distill.objective import KD, kd_objective, offline_kd_objective
     from minitron_mcore.models.build import build_model_for_stage
     from minitron_mcore.parallel import set_seed
     from minitron_mcore.train import optim
@@ -390,10 +397,25 @@ def run_ours(a: dict, precision: str, batches) -> dict:
     lm_step = lm_forward_step(a["vocab_size"])
     pos = torch.arange(s).unsqueeze(0).expand(b, -1).contiguous()
     mask = torch.ones(b, s)
+    where = {id(x): i for i, x in enumerate(batches)}
 
     def micro(batch):
         x = {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
-        return [dict(x, position_ids=pos, loss_mask=mask)]
+        first = where[id(batch)] * b  # the samples' positions in the read order
+        return [dict(x, position_ids=pos, loss_mask=mask, positions=torch.arange(first, first + b))]
+
+    # (d) the teacher's pass once (timed per batch), its rows kept in memory, and a third
+    # student trained from them
+    store, passes = teacher_rows(teacher, batches, micro, a["top_k"], a["vocab_size"])
+    set_seed(SEED)
+    model = build_model_for_stage(
+        model_arch(a, "student"), DTYPES[precision], calculate_per_token_loss=True
+    )
+    ddp = optim.wrap_ddp(model, model.config, distributed_optimizer=False)
+    opt = optim.build_optimizer(ddp, cfg, model.config, False)
+    optim.attach_to_config(model.config, ddp, opt)
+    runs["off"] = (ddp, opt, optim.build_scheduler(opt, cfg, total))
+    offline = offline_kd_objective(store, None, KDSpec(a["vocab_size"]), False)
 
     def ce(batch):
         ddp, opt, sched = runs["ce"]
@@ -405,7 +427,49 @@ def run_ours(a: dict, precision: str, batches) -> dict:
         reports = train_step(pair, opt, sched, objective.forward_step, micro(batch), s, shapes)
         return reports[0][objective.primary]
 
-    return interleaved(a, {"ce": ce, "kd": kd}, batches)
+    def off(batch):
+        ddp, opt, sched = runs["off"]
+        return train_step(ddp, opt, sched, offline.forward_step, micro(batch), s)[0][KD]
+
+    out = interleaved(a, {"ce": ce, "kd": kd, "off": off}, batches)
+    out["pass"] = passes
+    return out
+
+
+class _MemoryStore:
+    """Stored rows held in memory, read as ``distill.logit_store.LogitStore`` reads a shard
+    (the benchmark measures the step, not the disk)."""
+
+    def __init__(self, info, rows):
+        self.info, self._rows = info, rows
+
+    def rows(self, positions):
+        return self._rows[list(positions)]
+
+
+def teacher_rows(teacher, batches, micro, k: int, vocab: int):
+    """The teacher's top-k rows of every batch (what ``minitron teacher-logits`` computes per
+    micro-batch), in memory, and the time of each batch's pass."""
+    import numpy as np
+
+    from minitron_mcore.distill.logit_store import StoreInfo
+    from minitron_mcore.distill.offline import teacher_top_k
+    from minitron_mcore.distill.topk_codec import encode
+
+    rows, out = [], {"step_s": [], "cpu_s": [], "losses": []}
+    teacher.eval()
+    for batch in batches:
+        mb = micro(batch)[0]
+        clock = harness.Clock()
+        with torch.no_grad():
+            z = teacher(mb["tokens"], mb["position_ids"], None)  # [b, s, V]
+            ids, logp, tail = teacher_top_k(z.reshape(-1, z.shape[-1]).float(), k, vocab)
+            rows.append(encode(ids, logp, tail, vocab, "bf16").reshape(*z.shape[:2], -1))
+        out["step_s"].append(clock.wall())
+        out["cpu_s"].append(clock.cpu())
+    rows = np.concatenate(rows)
+    info = StoreInfo("bench", k, "bf16", vocab, rows.shape[1], rows.shape[0], rows.shape[0])
+    return _MemoryStore(info, rows), out
 
 
 def speed_worker(job: dict) -> dict:
@@ -472,7 +536,7 @@ def run_speed(args) -> dict:
                 out.setdefault(side, {})[prec] = {"ok": False, "error": str(bad[0]["error"])}
                 continue
             fig = {"ok": True}
-            for obj in ("ce", "kd"):
+            for obj in [o for o in ("ce", "kd", "off", "pass") if o in res[0]]:
                 times = [t for r in res for t in r[obj]["step_s"]]
                 cpu = [t for r in res for t in r[obj]["cpu_s"]]
                 fig[obj] = {
@@ -482,8 +546,8 @@ def run_speed(args) -> dict:
                     "cpu_s_median": statistics.median(cpu),
                     "step_s": times,
                     "cpu_s": cpu,
-                    "loss_first": res[0][obj]["losses"][0],
-                    "loss_last": res[0][obj]["losses"][-1],
+                    "loss_first": (res[0][obj]["losses"] or [None])[0],
+                    "loss_last": (res[0][obj]["losses"] or [None])[-1],
                 }
             out.setdefault(side, {})[prec] = fig
     return out
@@ -518,6 +582,15 @@ def ratios_of(args, mem: dict | None, speed: dict | None) -> dict:
                 s: {p: _ratio(tps(s, p, "ce"), tps(s, p, "kd")) for p in args.precisions}
                 for s in SIDES
             }
+            out["offline_over_ce" + suffix] = {
+                p: _ratio(tps("ours", p, "ce"), tps("ours", p, "off")) for p in args.precisions
+            }
+        out["break_even"] = {}  # students x epochs from which the stored logits pay
+        for p in args.precisions:
+            r = speed["ours"][p]
+            if r["ok"] and "off" in r:
+                saved = r["kd"]["step_s_median"] - r["off"]["step_s_median"]
+                out["break_even"][p] = r["pass"]["step_s_median"] / saved if saved > 0 else None
     return out
 
 
@@ -532,6 +605,7 @@ def goals_of(args, ratios: dict) -> list[dict]:
     rows += [
         ("kd_over_ce_ours", p, v) for p, v in ratios.get("kd_over_ce", {}).get("ours", {}).items()
     ]
+    rows += [("offline_over_ce_ours", p, v) for p, v in ratios.get("offline_over_ce", {}).items()]
     out = []
     for key, where, value in rows:
         goal, op, _ = GOALS[key]
@@ -544,7 +618,7 @@ def goals_of(args, ratios: dict) -> list[dict]:
 # The tables: a row template per part, every column's title.
 MEMORY_ROW = "{dtype:<6}{tp:>3}  {label:<22}{peak:>9.0f}{ratio:>8}{seconds:>8.2f}{loss:>13.6g}"
 MEMORY_ROW += "{grad_h_norm:>10.5g}{grad_w_norm:>10.5g}"
-SPEED_ROW = "{side:<14}{prec:<6}{obj:<11}{tokens_per_s:>10.0f}{step_s_median:>9.3f}"
+SPEED_ROW = "{side:<14}{prec:<6}{obj:<13}{tokens_per_s:>10.0f}{step_s_median:>9.3f}"
 SPEED_ROW += "{cpu_s_median:>8.3f}{losses:>20}"
 TITLES = dict(dtype="dtype", tp="TP", label="variant", peak="peak MiB", ratio="x naive")
 TITLES.update(seconds="s", loss="loss", grad_h_norm="|grad h|", grad_w_norm="|grad W|")
@@ -573,10 +647,13 @@ def speed_rows(speed: dict):
             if not r["ok"]:
                 yield f"{side:<14}{prec:<6}  FAILED: {r['error'][:200]}"
                 continue
-            for obj in ("ce", "kd"):
+            for obj in [o for o in ("ce", "kd", "off", "pass") if o in r]:
                 x = r[obj]
-                losses = f"{x['loss_first']:>11.3f} ->{x['loss_last']:>7.3f}"
-                yield dict(x, side=side, prec=prec, obj=obj, losses=losses)
+                losses = ""
+                if x["loss_first"] is not None:
+                    losses = f"{x['loss_first']:>11.3f} ->{x['loss_last']:>7.3f}"
+                name = {"off": "kd stored", "pass": "teacher pass"}.get(obj, obj)
+                yield dict(x, side=side, prec=prec, obj=name, losses=losses)
 
 
 def print_memory(args, mem: dict) -> None:
@@ -635,6 +712,12 @@ def main(argv=None) -> int:
         v = "n/a" if g["value"] is None else f"{g['value']:.3f}"
         verdict = {True: "met", False: "MISSED", None: "n/a"}[g["met"]]
         print(f"{GOALS[g['goal']][2]} [{g['where']}]: {v} (goal {g['target']}): {verdict}")
+    for prec, v in ratios.get("break_even", {}).items():
+        v = "n/a" if v is None else f"{v:.2f}"
+        print(
+            f"(d) teacher-logits pass / (online KD step - offline KD step) [{prec}]: {v} "
+            "students x epochs to break even"
+        )
     for prec, v in ratios.get("kd_over_ce", {}).get("transformers", {}).items():
         v = "n/a" if v is None else f"{v:.3f}"
         print(f"(c) KD step / CE step, transformers [{prec}]: {v} (the issue: 1.6-1.7)")

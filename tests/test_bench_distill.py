@@ -22,6 +22,7 @@ def test_bench_distill_quick_reports_every_ratio():
         ratios["kd_tokens_per_s"]["fp32"],
         ratios["kd_over_ce"]["ours"]["fp32"],
         ratios["kd_over_ce"]["transformers"]["fp32"],
+        ratios["offline_over_ce"]["fp32"],
     ]
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values), ratios
     assert {g["goal"] for g in result["goals"]} == {
@@ -29,7 +30,11 @@ def test_bench_distill_quick_reports_every_ratio():
         "memory_tp2",
         "kd_tokens_per_s",
         "kd_over_ce_ours",
+        "offline_over_ce_ours",
     }
+    # the student trained from stored top-k predictions learns (its KD loss is a top-k KL)
+    off = result["speed"]["results"]["ours"]["fp32"]["off"]
+    assert math.isfinite(off["loss_first"]) and off["loss_first"] > 0
     # Both sides of the loss computed the same thing.
     for by_variant in result["memory"]["results"]["bf16"].values():
         naive, ours = by_variant["naive"], by_variant["ours:64"]
