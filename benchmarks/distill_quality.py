@@ -20,7 +20,10 @@ Steps (all through the ``minitron`` CLI, one subprocess per command):
    corrected teacher, (b) ``correct`` with ``train.lr`` set (plain LM fine-tuning), (c)
    ``pretrain`` of the student's shape from scratch; KD and CE share the LR schedule;
 4. ``evaluate`` every model on held-out documents of both corpora;
-5. at the first budget, the width student with each KD loss variant (``distill.*``).
+5. at the first budget, the width student with each KD loss variant (``distill.*``);
+6. with ``--offline``, the width student distilled with the full-vocabulary loss, the online
+   top-k loss and from stored top-k predictions (``minitron teacher-logits``, bf16 and int8)
+   at k = 8, 64, 256, with the bytes stored per token.
 
 Both corpora are split by document before anything is trained (every 10th module held out), so
 validation never sees a training document. The tiny size distils on a subset of the training
@@ -89,6 +92,13 @@ VARIANTS = {
     "forward KL, top-64": {"top_k": 64},
     "forward KL + 0.5 CE": {"ce_weight": 0.5},
 }
+# Stored teacher predictions (``--offline``), width student at the first budget: label ->
+# distill.* overrides; "offline" rows run ``minitron teacher-logits`` first (same keys)
+OFFLINE = {"full vocabulary, online (default)": {}}
+for _k in (8, 64, 256):
+    OFFLINE[f"top-{_k}, online"] = {"top_k": _k}
+    OFFLINE[f"top-{_k}, stored bf16"] = {"top_k": _k, "offline": "bf16"}
+    OFFLINE[f"top-{_k}, stored int8"] = {"top_k": _k, "offline": "int8"}
 METHODS = {"kd": "KD from corrected teacher", "ce": "CE fine-tuning", "scratch": "from scratch"}
 CORPORA = ("docs", "code")  # docs = distillation data, code = the teacher's original data
 
@@ -288,7 +298,20 @@ class Study:
         out = self.path(f"{name}-{method}-e{epochs:g}-lr{lr:g}{tag}")
         train = [f"save={out}", *self.train_args("docs", steps, lr)]
         if method == "kd":
-            opts = [f"distill.{k}={v}" for k, v in kd.items()]
+            opts = [f"distill.{k}={v}" for k, v in kd.items() if k != "offline"]
+            if "offline" in kd:  # the teacher's top-k stored once (cached), then read
+                logits = self.path(f"logits-top{kd['top_k']}-{kd['offline']}")
+                if not os.path.isdir(logits):
+                    keys = self.train_args("docs", steps, lr)
+                    timed_cli(
+                        "teacher-logits",
+                        f"load={self.path('corrected')}",
+                        f"save={logits}",
+                        *keys,
+                        f"distill.top_k={kd['top_k']}",
+                        f"distill.precision={kd['offline']}",
+                    )
+                opts = [f"teacher_logits={logits}"]
             timed_cli("distill", f"load={ckpt}", f"teacher={self.path('corrected')}", *train, *opts)
         elif method == "ce":  # plain LM fine-tuning: `correct` with the LR set explicitly
             timed_cli("correct", f"load={ckpt}", *train)
@@ -316,6 +339,11 @@ class Study:
                 for label, kd in VARIANTS.items():
                     log(f"seed {self.seed}: width student, KD variant {label}")
                     variants[label] = self.retrain("width", students["width"], "kd", e, kd)
+            if i == 0 and self.args.offline and "width" in students:
+                stored = self.res["offline"] = {}
+                for label, kd in OFFLINE.items():
+                    log(f"seed {self.seed}: width student, {label}")
+                    stored[label] = self.retrain("width", students["width"], "kd", e, kd)
         return self.res
 
 
@@ -377,6 +405,20 @@ def print_tables(results: list[dict], args, meta: dict) -> None:
             print(f"best on {c}: {best}")
 
 
+def print_offline(results: list[dict], args, vocab: int) -> None:
+    """The stored-predictions table: each loss's held-out losses and bytes stored per token."""
+    from minitron_mcore.distill.topk_codec import row_bytes
+
+    e = min(args.epochs)
+    print(f"\n### Stored teacher predictions: width student, {e:g} epoch(s)\n")
+    rows = []
+    for label, kd in OFFLINE.items():
+        size = row_bytes(kd["top_k"], vocab, kd["offline"]) if "offline" in kd else "-"
+        rows.append([label] + [cell(leaf(results, "offline", label, c)) for c in CORPORA] + [size])
+    corpora = ["docs (distillation)", "code (original)"]
+    print(harness.markdown_table(["distill loss", *corpora, "bytes/token"], rows, "lrrr"))
+
+
 def margins(mean: dict, args) -> dict:
     """The differences the study is about (negative = KD better), on the mean results."""
     out = {}
@@ -405,6 +447,11 @@ def main() -> None:
     ap.add_argument("--students", nargs="+", choices=["width", "depth"], default=["width", "depth"])
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--skip-variants", action="store_true", help="no KD loss-variant table")
+    ap.add_argument(
+        "--offline",
+        action="store_true",
+        help="the stored-predictions table: full KD vs online vs stored top-k at k=8,64,256",
+    )
     ap.add_argument("--lr", type=float, default=0.0, help="KD and CE peak LR (0: the size's)")
     ap.add_argument("--precision", default="bf16", help="training precision (eval is fp32)")
     args = ap.parse_args()
@@ -429,6 +476,8 @@ def main() -> None:
     }
     results = [per_seed[s] for s in args.seeds]
     print_tables(results, args, meta)
+    if args.offline:
+        print_offline(results, args, read_meta(study.path("teacher")).arch.vocab_size)
     mean = mean_tree(results)
     wall = time.time() - t0
     print(f"\nwall time {wall / 60:.1f} min (load average {os.getloadavg()[0]:.2f} at the end)")
