@@ -10,10 +10,12 @@ from conftest import FAMILY_CASES, FAMILY_CASES_CORE, hf_logits, megatron_logits
 pytestmark = pytest.mark.multiproc
 
 
-# Mistral's sharded paths are Llama's (its head dim != hidden/heads is also Qwen3's, which runs
-# here): it runs at TP2/PP2 with the slow set, keeping CI under its 30 minutes.
+# Mistral's sharded paths are Llama's, and Qwen3's q/k norms under TP=2 run in CI through the
+# Qwen3-MoE TP=2 x EP=2 logits test (tests/test_moe.py): both run at TP2/PP2 with the slow set,
+# keeping CI under its 30 minutes.
 SHARDED_CASES = [
-    pytest.param(f, marks=pytest.mark.slow) if f == "mistral" else f for f in FAMILY_CASES
+    pytest.param(f, marks=pytest.mark.slow) if f in ("mistral", "qwen3") else f
+    for f in FAMILY_CASES
 ]
 
 

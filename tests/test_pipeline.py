@@ -370,6 +370,7 @@ def test_export_step_under_several_processes(llama_ckpt, tmp_path):
     assert got[0]["again"]["skipped"] == "already complete"
 
 
+@pytest.mark.slow  # (recipes' dry runs run in CI: test_recipes_dry_run)
 def test_moe_recipe_dry_run(tokenizer_dir, tmp_path):
     """The Qwen3-30B-A3B recipe composes and dry-runs against a tiny Qwen3-MoE teacher (its
     targets and EP scaled down): an expert-pruned and a width-pruned student, the paper-style

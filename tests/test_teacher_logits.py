@@ -76,9 +76,8 @@ def test_rows_are_the_teachers_top_k_in_training_order(stored, hf_models, tokeni
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize(
-    "layout", ["parallel.tp=2", pytest.param("parallel.pp=2", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # (teacher_top_k at TP=2 = one rank runs in CI: tests/test_offline_kd.py)
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
 def test_same_predictions_at_tp2_and_pp2(stored, llama_ckpt, tmp_path, layout):
     save, _ = stored
     other = str(tmp_path / "logits")
@@ -113,6 +112,7 @@ def test_resume_computes_only_missing_shards(stored, llama_ckpt, tmp_path):
     assert np.load(os.path.join(copy, "shard-00000.npy")).shape[-1] == 27  # untouched
 
 
+@pytest.mark.slow  # (a lost shard's re-run runs in CI: test_resume_computes_only_missing_shards)
 def test_sigkill_then_rerun_gives_identical_predictions(llama_ckpt, tmp_path):
     """SIGKILL while the third of six shards is being computed; the re-run computes the rest
     and every shard is byte-identical to an uninterrupted run's."""
